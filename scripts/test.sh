@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole test suite (what CI runs): set up, then
+#  1. nbdev-export / nbdev-clean leave no diff, README.md is generated from nbs/index.ipynb;
+#  2. nbdev-test runs every notebook's tests;
+#  3. each benchmark notebook runs with papermill on its quick parameters;
+#  4. pytest: integration tests in tests/ plus nbval validation of the executed benchmark notebooks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+bash scripts/setup.sh
+V=.venv/bin
+export PYDEVD_DISABLE_FILE_VALIDATION=1
+
+echo "== nbdev: export and clean must leave no diff"
+# Compare the working tree before and after (on a clean clone, as in CI, "before" is the commit itself).
+snapshot() { git status --porcelain -- efficientai nbs README.md; git diff HEAD -- efficientai nbs README.md | sha1sum; }
+have_git=0; git rev-parse --verify -q HEAD >/dev/null 2>&1 && have_git=1
+[ $have_git = 1 ] && before=$(snapshot)
+$V/nbdev-export
+$V/nbdev-clean
+if [ $have_git = 1 ] && [ "$(snapshot)" != "$before" ]; then
+  echo "nbdev-export / nbdev-clean changed files: run them and commit the result"
+  git status --porcelain -- efficientai nbs README.md; exit 1
+fi
+$V/efficientai docs readme --check
+
+echo "== nbdev-test"
+$V/nbdev-test --n-workers 2 --skip-folder-re '^(benchmarks|[_.].*)$'
+
+echo "== benchmark notebooks (papermill, quick parameters)"
+OUT="$ROOT/runs/ci"
+rm -rf "$OUT"; mkdir -p "$OUT/notebooks"
+for nb in nbs/benchmarks/*.ipynb; do
+  name=$(basename "$nb" .ipynb)
+  $V/papermill "$nb" "$OUT/notebooks/$name.ipynb" -k efficientai --cwd nbs/benchmarks \
+    -f "nbs/benchmarks/quick/$name.yaml" -p out_dir "$OUT/results" --no-progress-bar
+done
+
+echo "== pytest (integration tests + nbval of the executed benchmark notebooks)"
+$V/python -m pytest tests "$OUT/notebooks" --nbval --nbval-kernel-name efficientai \
+  --nbval-sanitize-with nbs/benchmarks/sanitize.cfg -p no:cacheprovider -q

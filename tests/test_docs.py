@@ -1,0 +1,27 @@
+"""The docs: site config valid for Quarto users, offline HTML build, README generated from index.ipynb."""
+from conftest import ROOT, run
+from efficientai.docs import check_quarto_yml, readme_text
+
+
+def test_quarto_yml_is_a_valid_site_config():
+    cfg = check_quarto_yml(ROOT / "_quarto.yml")
+    assert cfg["project"]["type"] == "website"
+    assert (ROOT / "nbs" / "_quarto.yml").resolve() == (ROOT / "_quarto.yml").resolve()
+
+
+def test_readme_is_generated_from_index_notebook():
+    assert (ROOT / "README.md").read_text() == readme_text(ROOT)
+    text = readme_text(ROOT)
+    assert "bash scripts/run.sh" in text and "bash scripts/test.sh" in text
+
+
+def test_offline_site_build_executes_and_renders_every_page(cli, tmp_path):
+    out = tmp_path / "site"
+    cli("docs", "build", "--out", str(out))
+    pages = {p.relative_to(out).as_posix() for p in out.rglob("*.html")}
+    for name in ("errors", "backend", "config", "logging", "io", "benchmark", "plotting", "cli", "docs"):
+        assert f"00_foundation/{name}.html" in pages
+    backend = (out / "00_foundation" / "backend.html").read_text()
+    assert "preload_fast_blas" in backend          # API docs from show_doc
+    assert "GFLOP/s, ratio" in backend              # an executed cell's output
+    assert "index.html" in pages
