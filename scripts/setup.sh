@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the toolkit uses on Debian/Ubuntu: an optimised BLAS that MLX can bind to.
-APT_PACKAGES="libopenblas0-pthread"
+# System packages the toolkit uses on Debian/Ubuntu: an optimised BLAS that MLX can bind to, and the zoo's
+# offline data: Fashion-MNIST, colour emoji, the King James Bible, WordNet.
+APT_PACKAGES="libopenblas0-pthread dataset-fashion-mnist fonts-noto-color-emoji bible-kjv wordnet-base"
 if command -v apt-get >/dev/null 2>&1; then
   missing=""
   for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
