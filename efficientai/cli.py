@@ -14,8 +14,8 @@ from typing import Callable
 from .errors import ToolkitError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'command', 'info', 'bench_matmul', 'bench_notebook', 'config_show', 'kernel_install', 'docs_build',
-           'docs_readme', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'CHAPTER_CLIS', 'command', 'info', 'bench_matmul', 'bench_notebook', 'config_show', 'kernel_install',
+           'docs_build', 'docs_readme', 'build_parser', 'main']
 
 # %% ../nbs/00_foundation/07_cli.ipynb #4f12547d
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
@@ -162,6 +162,8 @@ def _docs_cmd(sub):
     b.add_argument("--out", type=Path, default=Path("_site"))
     b.add_argument("--no-execute", dest="execute", action="store_false",
                    help="render stored outputs only (default: execute every page so its numbers are fresh)")
+    b.add_argument("--skip", action="append", metavar="FOLDER",
+                   help="leave out notebooks under nbs/FOLDER (repeatable; default: benchmarks)")
     b.set_defaults(func=docs_build)
     r = ds.add_parser("readme", help="write README.md from nbs/index.ipynb")
     r.add_argument("--check", action="store_true", help="only check that README.md is up to date (exit 1 if not)")
@@ -169,7 +171,7 @@ def _docs_cmd(sub):
 
 def docs_build(args) -> int:
     from efficientai.docs import build_site
-    pages = build_site(args.out, execute=args.execute)
+    pages = build_site(args.out, execute=args.execute, skip_folders=tuple(args.skip or ("benchmarks",)))
     print(f"built {len(pages)} pages into {args.out}")
     return 0
 
@@ -184,8 +186,12 @@ def docs_readme(args) -> int:
     return 0
 
 # %% ../nbs/00_foundation/07_cli.ipynb #5a268df5
+CHAPTER_CLIS = ("efficientai.zoo.catalog",)  # modules whose `@command`s join the CLI (imported on demand)
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
     from efficientai import __version__
+    for mod in CHAPTER_CLIS: importlib.import_module(mod)
     p = argparse.ArgumentParser(prog="efficientai", description="EfficientAI: efficient machine learning on MLX")
     p.add_argument("--version", action="version", version=f"efficientai {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
