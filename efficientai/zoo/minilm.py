@@ -297,8 +297,12 @@ class SentenceEncoder:
 
 # %% ../../nbs/05_zoo/03_minilm.ipynb #88804cb6
 def load_encoder(path: Path | str | None = None, dtype=mx.float32) -> SentenceEncoder:
-    "A `SentenceEncoder` from a model folder; `None` fetches all-MiniLM-L6-v2 into the zoo cache first."
-    folder = fetch_entry(MINILM) if path is None else Path(path)
+    "A `SentenceEncoder` from a model folder, a zoo name or Hub repo id; `None` is the zoo's all-MiniLM-L6-v2."
+    if path is None: folder = fetch_entry(MINILM)
+    elif Path(path).expanduser().exists(): folder = Path(path).expanduser()
+    else:                                   # 'all-minilm-l6-v2' or 'sentence-transformers/...': Hub first, then the zoo
+        from efficientai.zoo.catalog import model_path
+        folder = model_path(str(path))
     if not folder.is_dir(): raise ModelLoadingError("not a model folder", where=folder,
                                                     hint="pass a folder with config.json and model.safetensors, or None for the zoo's MiniLM")
     cfg = BertConfig.from_file(folder / "config.json")
