@@ -8,25 +8,30 @@ Docs: https://efficientai.github.io/efficientai/00_foundation/io.html.md"""
 from __future__ import annotations
 import contextlib, hashlib, json, os, shutil, tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 # %% auto #0
-__all__ = ['atomic_write', 'atomic_write_json', 'append_jsonl', 'read_jsonl', 'atomic_dir', 'sha256_file']
+__all__ = ['atomic_file', 'atomic_write', 'atomic_write_json', 'append_jsonl', 'read_jsonl', 'atomic_dir', 'sha256_file']
 
 # %% ../nbs/00_foundation/04_io.ipynb #ce49260d
-def atomic_write(path: Path | str, data: bytes | str, encoding: str = "utf-8") -> Path:
-    "Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."
+@contextlib.contextmanager
+def atomic_file(path: Path | str, suffix: str = ".tmp") -> Iterator[BinaryIO]:
+    "Binary file to stream into; it becomes `path` (fsync, rename) only if the block succeeds."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode(encoding) if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(raw); f.flush(); os.fsync(f.fileno())
+            yield f
+            f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
-    return path
+
+def atomic_write(path: Path | str, data: bytes | str, encoding: str = "utf-8") -> Path:
+    "Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."
+    with atomic_file(path) as f: f.write(data.encode(encoding) if isinstance(data, str) else data)
+    return Path(path)
 
 def atomic_write_json(path: Path | str, obj: Any, indent: int = 2) -> Path:
     "`atomic_write` of `obj` as JSON (Paths and other objects as strings)."
