@@ -193,7 +193,7 @@ _SKIP = ("pooler.", "cls.", "embeddings.position_ids")
 _FIX_ZOO = f"re-fetch with `efficientai zoo fetch {MINILM.name} --force`"
 
 def _weights_hint(folder: Path) -> str:
-    man = read_manifest(folder) if (folder / "zoo.json").exists() else None
+    man = read_manifest(folder)
     if man and man.get("name") == MINILM.name: return _FIX_ZOO
     return f"replace it with a complete copy (for the zoo's copy: {_FIX_ZOO})"
 
