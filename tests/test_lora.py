@@ -1,0 +1,78 @@
+"""End-to-end checks of the LoRA chapter through its CLI, against mlx-lm itself (real model, real data)."""
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [str(Path(sys.executable).parent / "efficientai")]
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+QUICK = ["--num-layers", "2", "--batch-size", "2", "--set", "val_batches=2", "--set", "steps_per_eval=100"]
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if Path(OPENBLAS).exists(): env["LD_PRELOAD"] = OPENBLAS   # plain mlx_lm (no efficientai import) at full speed
+    return env
+
+def _run(*args, **kw):
+    r = subprocess.run([*args], capture_output=True, text=True, env=_env(), cwd=ROOT, **kw)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+def _mlx_lm_generate(*args) -> str:
+    out = _run(sys.executable, "-m", "mlx_lm", "generate", *args)
+    return out.split("==========\n")[1].rsplit("\n==========", 1)[0].strip() if "==========" in out else out.strip()
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lora") / "adapters"
+    out = _run(*CLI, "lora", "train", "--iters", "6", "--adapter-path", str(path), "--learning-rate", "1e-3", *QUICK)
+    assert "trainable" in out and (path / "adapters.safetensors").is_file(), out
+    return path
+
+def test_adapters_generate_the_same_in_mlx_lm(trained):
+    from efficientai.zoo.catalog import model_path
+    prompt = 'Give the Bible reference of this quote as JSON: "Jesus wept." (John 11:35)'
+    ours = _run(*CLI, "lora", "generate", "--adapter-path", str(trained), "--prompt", prompt, "--max-tokens", "40").strip()
+    theirs = _mlx_lm_generate("--model", str(model_path("smollm2-135m-instruct")), "--adapter-path", str(trained),
+                              "--prompt", prompt, "--max-tokens", "40")
+    assert ours and ours == theirs
+
+def test_fused_model_loads_in_mlx_lm(trained, tmp_path):
+    _run(*CLI, "lora", "fuse", "--adapter-path", str(trained), "--save-path", str(tmp_path / "fused"))
+    prompt = "Name three books of the Bible."
+    fused = _mlx_lm_generate("--model", str(tmp_path / "fused"), "--prompt", prompt, "--max-tokens", "24")
+    ours = _run(*CLI, "lora", "generate", "--adapter-path", str(trained), "--prompt", prompt, "--max-tokens", "24").strip()
+    assert fused == ours
+
+def _weights(folder: Path) -> dict:
+    import mlx.core as mx
+    return mx.load(str(folder / "checkpoint" / "adapters.safetensors"))
+
+def _step(folder: Path) -> int:
+    try: return json.loads((folder / "checkpoint" / "state.json").read_text())["state"]["step"]
+    except (OSError, ValueError, KeyError): return -1
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    import mlx.core as mx
+    args = ["lora", "train", "--iters", "8", "--save-every", "1", "--set", "lora_parameters.dropout=0.1", *QUICK]
+    _run(*CLI, *args, "--adapter-path", str(tmp_path / "straight"))
+    p = subprocess.Popen([*CLI, *args, "--adapter-path", str(tmp_path / "killed")], env=_env(), cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while _step(tmp_path / "killed") < 3 and p.poll() is None and time.time() < deadline: time.sleep(0.05)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = _step(tmp_path / "killed")
+    assert 3 <= killed_at < 8
+    out = _run(*CLI, *args, "--adapter-path", str(tmp_path / "killed"))
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
+    hist = json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["state"]["history"]
+    assert any(h.get("event") == "resumed" for h in hist)
+
+def test_bad_data_names_file_and_line(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"text": "ok"}\n{"text": "fine"}\n{"text": oops}\n')
+    r = subprocess.run([*CLI, "lora", "train", "--data", str(tmp_path / "data"), "--iters", "1", "--adapter-path",
+                        str(tmp_path / "a")], capture_output=True, text=True, env=_env(), cwd=ROOT)
+    assert r.returncode == 2 and "train.jsonl:3" in r.stderr, r.stderr
