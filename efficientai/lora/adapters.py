@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters as _mlx_load_adapters
 from ..errors import ConfigError, ModelLoadingError
-from ..io import atomic_dir, atomic_write_json
+from ..io import atomic_dir, atomic_file, atomic_write_json
 from .config import LoraConfig, adapter_config
 
 # %% auto #0
@@ -84,13 +84,11 @@ def trained_weights(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 def save_adapters(model: nn.Module, cfg: LoraConfig, folder: Path | str, extra: dict | None = None) -> Path:
-    "Write `folder/adapters.safetensors` + `folder/adapter_config.json` atomically (replacing what was there)."
+    "Write `folder/adapters.safetensors` + `folder/adapter_config.json`, each replaced atomically; other files stay."
     folder = Path(folder)
     n = len(_layers(model)) if cfg.num_layers == -1 else cfg.num_layers
-    weights = trained_weights(model)
-    with atomic_dir(folder) as tmp:
-        mx.save_safetensors(str(tmp / ADAPTER_FILE), weights)
-        atomic_write_json(tmp / ADAPTER_CONFIG, {**adapter_config(cfg, n), **(extra or {})})
+    with atomic_file(folder / ADAPTER_FILE, suffix=".safetensors") as f: mx.save_safetensors(f, trained_weights(model))
+    atomic_write_json(folder / ADAPTER_CONFIG, {**adapter_config(cfg, n), **(extra or {})})
     return folder
 
 def quantize_like_training(model: nn.Module, folder: Path | str) -> dict | None:

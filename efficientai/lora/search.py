@@ -20,8 +20,8 @@ from ..logging import get_logger
 from ..plotting import pareto_front, pareto_plot
 from .config import LoraConfig, config_to_dict, config_from_dict
 from .kernels import fast_kernels
-from .loss import dataset_loss
-from .train import train, load_data, save_adapters_files
+from .adapters import save_adapters
+from .train import train, load_data, validation_loss
 
 log = get_logger(__name__)
 
@@ -123,8 +123,7 @@ def _evaluate(model, cfg: LoraConfig, valid: list) -> float:
     "Validation loss exactly as `train` computes it."
     model.eval()
     with fast_kernels(model, cfg.fast_kernels):
-        return dataset_loss(model, valid, cfg.batch_size, max_batches=None if cfg.val_batches == -1 else cfg.val_batches,
-                            seed=cfg.seed, max_seq_length=cfg.max_seq_length)["loss"]
+        return validation_loss(model, valid, cfg)
 
 def run_trial(cfg: LoraConfig, params: dict, train_set: list, valid_set: list, clock: _Clock, model_name: str) -> Trial:
     "Train one configuration on a fresh model, pruning it if the clock runs out; errors become a failed `Trial`."
@@ -149,7 +148,7 @@ def run_trial(cfg: LoraConfig, params: dict, train_set: list, valid_set: list, c
         if res.state.stopped == "stopped by callback":
             trial.status = "pruned"
             v = _evaluate(model, cfg, valid_set)                # what `train`'s final evaluation would have done
-            if v < trial.val_loss - cfg.min_delta: trial.val_loss = v; save_adapters_files(model, cfg, trial.adapter_path)
+            if v < trial.val_loss - cfg.min_delta: trial.val_loss = v; save_adapters(model, cfg, trial.adapter_path)
         t1 = time.perf_counter()
         if marks:
             clock.setups.append(first_cost()); clock.finals.append(t1 - marks[-1])

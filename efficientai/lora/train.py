@@ -9,7 +9,7 @@ Docs: https://efficientai.github.io/efficientai/10_lora/train.html.md"""
 # %% ../../nbs/10_lora/05_train.ipynb #8901b4a7
 from __future__ import annotations
 import efficientai  # first: loads fast BLAS
-import contextlib, json, math, os, sys, time
+import contextlib, json, math, sys, time
 from dataclasses import dataclass, field, asdict
 from functools import partial
 from pathlib import Path
@@ -23,17 +23,17 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, DataError, TrainingError
 from ..io import atomic_dir, atomic_write_json
 from ..logging import get_logger
-from .config import LoraConfig, config_to_dict, save_config, adapter_config
+from .config import LoraConfig, config_to_dict, save_config
 from .data import Sample, load_folder, pack_samples, iterate_batches
 from .loss import head_fn, loss_inputs, masked_loss, dataset_loss
 from .kernels import fast_kernels
-from .adapters import prepare_model, parameter_counts, save_adapters, ADAPTER_FILE, ADAPTER_CONFIG, _layers
+from .adapters import prepare_model, parameter_counts, save_adapters, ADAPTER_FILE, _layers
 
 log = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CHECKPOINT', 'learning_rate', 'build_optimizer', 'TrainState', 'save_checkpoint', 'save_adapters_files',
-           'load_checkpoint', 'make_step', 'grad_checkpointing', 'in_notebook', 'LossPlot', 'TrainResult', 'train',
+__all__ = ['log', 'CHECKPOINT', 'learning_rate', 'build_optimizer', 'TrainState', 'save_checkpoint', 'load_checkpoint',
+           'make_step', 'grad_checkpointing', 'in_notebook', 'LossPlot', 'TrainResult', 'validation_loss', 'train',
            'data_folder', 'load_data', 'finetune']
 
 # %% ../../nbs/10_lora/05_train.ipynb #67b2c2bc
@@ -81,18 +81,10 @@ _MUST_MATCH = ("model", "data", "fine_tune_type", "num_layers", "lora_parameters
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: optim.Optimizer, cfg: LoraConfig, state: TrainState) -> Path:
     "Adapters, optimizer state, config and `state` into `folder`, replaced atomically."
     with atomic_dir(folder) as tmp:
-        save_adapters_files(model, cfg, tmp)
+        save_adapters(model, cfg, tmp)
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         atomic_write_json(tmp / "state.json", {"config": config_to_dict(cfg), "state": asdict(state)})
     return folder
-
-def save_adapters_files(model: nn.Module, cfg: LoraConfig, folder: Path) -> None:
-    "Write the trained tensors and mlx-lm's adapter config into `folder` (each file replaced atomically)."
-    n = len(_layers(model)) if cfg.num_layers == -1 else cfg.num_layers
-    tmp = folder / f".{ADAPTER_FILE}.{os.getpid()}.tmp.safetensors"
-    mx.save_safetensors(str(tmp), dict(tree_flatten(model.trainable_parameters())))
-    os.replace(tmp, folder / ADAPTER_FILE)
-    atomic_write_json(folder / ADAPTER_CONFIG, adapter_config(cfg, n))
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: optim.Optimizer, cfg: LoraConfig) -> TrainState:
     "Restore adapters and optimizer from `folder`; refuse a checkpoint from a different set-up."
@@ -177,7 +169,8 @@ class TrainResult:
     @property
     def loss_tokens_per_second(self) -> float: return self.state.loss_tokens / max(self.state.train_seconds, 1e-9)
 
-def _validate(model, valid, cfg, head) -> float:
+def validation_loss(model: nn.Module, valid: list[Sample], cfg: LoraConfig, head="auto") -> float:
+    "Validation loss as the run defines it: `cfg.val_batches` batches (-1: all) of `cfg.batch_size`."
     return dataset_loss(model, valid, cfg.batch_size, max_batches=None if cfg.val_batches == -1 else cfg.val_batches,
                         head=head, seed=cfg.seed, max_seq_length=cfg.max_seq_length)["loss"]
 
@@ -200,7 +193,7 @@ def train(model: nn.Module, cfg: LoraConfig, train_set: list[Sample], valid_set:
         state.history.append({"step": state.step, "event": "resumed"})
     else: state = TrainState()
     save_config(cfg, out / "config.yaml")
-    if state.step == 0 and not (out / ADAPTER_FILE).exists(): save_adapters_files(model, cfg, out)
+    if state.step == 0 and not (out / ADAPTER_FILE).exists(): save_adapters(model, cfg, out)
     rows = pack_samples(train_set, cfg.max_seq_length) if cfg.batching == "pack" else train_set
     strategy = "shuffle" if cfg.batching == "shuffle" else "bucket"
     live = LossPlot() if (plot is True or (plot == "auto" and in_notebook())) else None
@@ -211,12 +204,12 @@ def train(model: nn.Module, cfg: LoraConfig, train_set: list[Sample], valid_set:
         model.train()
         def evaluate(final: bool = False) -> None:
             if not valid_set: return
-            model.eval(); v = _validate(model, valid_set, cfg, head); model.train()
+            model.eval(); v = validation_loss(model, valid_set, cfg, head); model.train()
             rec = {"step": state.step, "val_loss": v, "val_ppl": math.exp(v)}
             improved = state.best_loss is None or v < state.best_loss - cfg.min_delta
             if improved:
                 state.best_loss, state.best_step, state.evals_since_best = v, state.step, 0
-                save_adapters_files(model, cfg, out)
+                save_adapters(model, cfg, out)
                 rec["best"] = True
             else: state.evals_since_best += 1
             state.history.append(rec)
@@ -255,7 +248,7 @@ def train(model: nn.Module, cfg: LoraConfig, train_set: list[Sample], valid_set:
         if state.stopped is None:
             evaluate(final=True)
             state.stopped = "done"
-        if not valid_set: save_adapters_files(model, cfg, out)
+        if not valid_set: save_adapters(model, cfg, out)
         save_checkpoint(ck, model, optimizer, cfg, state)
         if live is not None: live.update(state.history)
     return TrainResult(out, state, counts, fast, mx.get_peak_memory() / 1e9)
