@@ -26,11 +26,15 @@ def test_offline_site_renders_every_chapter_page(cli, tmp_path):
     for name in ("config", "data", "kernels", "loss", "adapters", "train", "evaluate", "search", "compare", "cli"):
         assert f"10_lora/{name}.html" in pages
     assert "fast_kernels" in (out / "10_lora" / "kernels.html").read_text()
+    for name in ("ptq", "metrics", "mixed", "calibrated", "qat", "kernels", "export", "cli"):
+        assert f"20_quantization/{name}.html" in pages
+    assert "QuantSpec" in (out / "20_quantization" / "ptq.html").read_text()
 
 
 def test_offline_site_build_executes_and_renders_every_page(cli, tmp_path):
     out = tmp_path / "site"
-    cli("docs", "build", "--out", str(out), "--skip", "benchmarks", "--skip", "05_zoo", "--skip", "10_lora")
+    cli("docs", "build", "--out", str(out), "--skip", "benchmarks", "--skip", "05_zoo", "--skip", "10_lora",
+        "--skip", "20_quantization")
     pages = {p.relative_to(out).as_posix() for p in out.rglob("*.html")}
     for name in ("errors", "backend", "config", "logging", "io", "benchmark", "plotting", "cli", "docs"):
         assert f"00_foundation/{name}.html" in pages

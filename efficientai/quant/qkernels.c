@@ -1,0 +1,439 @@
+/* Fast CPU kernels for MLX affine-quantized linear layers (efficientai.quant.kernels).
+ *
+ * Weights stay in MLX's own layout: W is N x K, each row packed little-endian into uint32 words (value j of
+ * a word is (w >> (bits*j)) & mask, so the row's bytes hold its codes in order), with one float32 scale and
+ * bias per group of `gs` consecutive values of a row: w = scale * q + bias.
+ *
+ *   y[M,N] = x[M,K] @ W^T
+ *
+ * Small M (decoding): a fused dequantize-dot GEMV over the output rows, split across threads.
+ *   sum_k x_k (s q_k + b) = s * sum_k x_k q_k + b * sum_k x_k, so each group costs one dot of the codes
+ *   with x, and the bias term uses the per-group sums of x, computed once per call.
+ *   A "chunk" is VL bytes of a row (VL = 16 lanes with AVX-512, 8 otherwise). Widening its bytes to VL int32
+ *   lanes and shifting/masking gives P = 8/bits vectors of codes: vector j holds codes i*P + j, i < VL.
+ *   Instead of interleaving the codes back into order, x is permuted once per call into the same order.
+ * Large M (prompt processing): dequantize a block of rows to float32 (threaded), then one sgemm from the
+ *   BLAS the caller hands us (cblas_sgemm), block after block, so the float32 copy stays in cache.
+ *
+ * Vectors are GCC/Clang vector extensions: with -march=native they compile to AVX-512 or AVX2 (or NEON on
+ * arm64), no intrinsics needed. Build: cc -O3 -march=native -shared -fPIC -pthread.
+ *
+ * Threads: a small pool of our own rather than OpenMP. Work is split into small items that threads claim
+ * with an atomic counter, and the calling thread works too, so a worker that the OS has descheduled (busy
+ * cores) delays nothing: the caller takes its share. Idle workers spin briefly, then sleep.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define QK_VERSION 2
+
+#if defined(__AVX512F__)
+#define VL 16
+#else
+#define VL 8
+#endif
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+typedef uint8_t vb __attribute__((vector_size(VL)));
+
+/* cblas_sgemm(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc) */
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int,
+                         float, float *, int);
+static sgemm_fn qk_sgemm = 0;
+enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
+
+int qk_version(void) { return QK_VERSION; }
+int qk_lanes(void) { return VL; }
+void qk_set_sgemm(void *fn) { qk_sgemm = (sgemm_fn)fn; }
+int qk_has_sgemm(void) { return qk_sgemm != 0; }
+
+/* ---------------------------------------------------------------- thread pool */
+#define QK_MAX_THREADS 64
+typedef void (*task_fn)(void *ctx, int item);
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int nthreads, started; /* nthreads includes the caller */
+    pthread_t th[QK_MAX_THREADS];
+    /* One word says everything a claim needs: generation (16 bits) | number of items (24) | next item (24).
+     * fn and ctx are written before the word is published and read only after a successful claim, when the
+     * job cannot finish (and be replaced) before the claimed item is done. */
+    _Atomic(uint64_t) ticket;
+    _Atomic(task_fn) fn;
+    _Atomic(void *) ctx;
+    _Atomic int done, nsleeping;
+    _Atomic long spin;
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER, .nthreads = 1};
+
+#define T_GEN(t) ((uint32_t)((t) >> 48))
+#define T_N(t) ((int)(((t) >> 24) & 0xFFFFFF))
+#define T_I(t) ((int)((t) & 0xFFFFFF))
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Claim and run items of the current job until none are left. */
+static void run_items(void) {
+    uint64_t t = atomic_load(&pool.ticket);
+    while (T_I(t) < T_N(t)) {
+        if (atomic_compare_exchange_weak(&pool.ticket, &t, t + 1)) {
+            atomic_load(&pool.fn)(atomic_load(&pool.ctx), T_I(t));
+            atomic_fetch_add(&pool.done, 1);
+            t = atomic_load(&pool.ticket);
+        }
+    }
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    uint32_t seen = T_GEN(atomic_load(&pool.ticket));
+    for (;;) {
+        uint32_t gen = T_GEN(atomic_load(&pool.ticket));
+        for (long i = 0, n = atomic_load(&pool.spin); gen == seen && i < n; i++) {
+            cpu_relax();
+            gen = T_GEN(atomic_load(&pool.ticket));
+        }
+        if (gen == seen) {
+            pthread_mutex_lock(&pool.mu);
+            atomic_fetch_add(&pool.nsleeping, 1);
+            while ((gen = T_GEN(atomic_load(&pool.ticket))) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+            atomic_fetch_sub(&pool.nsleeping, 1);
+            pthread_mutex_unlock(&pool.mu);
+        }
+        seen = gen;
+        run_items();
+    }
+    return 0;
+}
+
+static void after_fork_child(void) { pool.started = 0; pool.nthreads = 1; }
+
+/* Use n threads in all (the caller plus n-1 workers); spin: pause-loop iterations before an idle worker
+ * sleeps. Call once, before any kernel; returns the number of threads. */
+int qk_init(int n, long spin) {
+    atomic_store(&pool.spin, spin);
+    if (pool.started) return pool.nthreads;
+    if (n < 1) n = 1;
+    if (n > QK_MAX_THREADS) n = QK_MAX_THREADS;
+    pool.started = 1;
+    pthread_atfork(0, 0, after_fork_child);
+    pool.nthreads = 1;
+    for (int i = 1; i < n; i++) {
+        if (pthread_create(&pool.th[i], 0, worker, 0) != 0) break;
+        pthread_detach(pool.th[i]);
+        pool.nthreads++;
+    }
+    return pool.nthreads;
+}
+
+int qk_threads(void) { return pool.nthreads; }
+
+/* Run fn(ctx, i) for i in [0, nitems) on the pool; returns when all are done. Not reentrant: call it from
+ * one thread at a time (the Python wrapper holds a lock). */
+static void parallel_for(int nitems, task_fn fn, void *ctx) {
+    if (pool.nthreads <= 1 || nitems <= 1 || nitems > 0xFFFFFF) {
+        for (int i = 0; i < nitems; i++) fn(ctx, i);
+        return;
+    }
+    atomic_store(&pool.fn, fn);
+    atomic_store(&pool.ctx, ctx);
+    atomic_store(&pool.done, 0);
+    uint64_t gen = (T_GEN(atomic_load(&pool.ticket)) + 1) & 0xFFFF;
+    atomic_store(&pool.ticket, (gen << 48) | ((uint64_t)nitems << 24));
+    if (atomic_load(&pool.nsleeping) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    run_items();
+    while (atomic_load(&pool.done) < nitems) cpu_relax(); /* items a worker is still finishing */
+}
+
+/* ---------------------------------------------------------------- kernels */
+static inline vf loadf(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void storef(float *p, vf v) { memcpy(p, &v, sizeof v); }
+/* VL bytes widened to VL int32 lanes (GCC lowers the generic conversion byte by byte: use the instruction). */
+static inline vi load_chunk(const uint8_t *p) {
+#if VL == 16
+    return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+#elif defined(__AVX2__)
+    return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    vb b;
+    memcpy(&b, p, VL);
+    return __builtin_convertvector(b, vi);
+#endif
+}
+static inline vf splat(float x) { return (vf){0} + x; }
+
+/* Codes i*P + j (i < VL) of a chunk whose bytes were widened to w. */
+static inline __attribute__((always_inline)) vf codes(vi w, int j, const int BITS) {
+    if (BITS == 8) return __builtin_convertvector(w, vf);
+    return __builtin_convertvector((w >> (j * BITS)) & ((1 << BITS) - 1), vf);
+}
+
+/* Scale of each lane of chunk c: one group per chunk, or two (2-bit codes with AVX-512: a chunk of 64 codes
+ * spans two groups of 32; lanes i < VL/2 hold codes of the first). qk_supported rules out anything else. */
+static inline __attribute__((always_inline)) vf chunk_scale(const float *sr, int c, int gs, const int BITS) {
+    const int CV = VL * (8 / BITS);
+    if (CV <= gs) return splat(sr[c * CV / gs]);
+    vi lane;
+    for (int i = 0; i < VL; i++) lane[i] = i;
+    vi first = lane < VL / 2;
+    return (vf)(((vi)splat(sr[2 * c]) & first) | ((vi)splat(sr[2 * c + 1]) & ~first));
+}
+
+static inline float hsum(vf v) {
+    float a[VL];
+    memcpy(a, &v, sizeof v);
+    for (int w = VL / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; i++) a[i] += a[i + w];
+    return a[0];
+}
+
+/* One call's arguments, shared by the work items. The weight may be several matrices with the same K and
+ * layout ("segments", e.g. the q, k and v projections that all read the same x), each with its own output
+ * (M x n[i], row-major): one pass over x, one wake-up of the pool, contiguous results. */
+#define QK_MAX_SEG 16
+typedef struct {
+    const float *x, *xp, *xs;
+    const uint8_t *w[QK_MAX_SEG];
+    const float *s[QK_MAX_SEG], *b[QK_MAX_SEG];
+    int n[QK_MAX_SEG], off[QK_MAX_SEG + 1]; /* rows of each segment; off: first stacked row of each */
+    float *y[QK_MAX_SEG];
+    int nseg, M, K, ntot, bits, gs, rows, seg, r0;
+    float *out;
+} job_t;
+
+/* GEMV: rows [n0, n1) of one segment for MM inputs (xp: permuted x, MM x K; xs: group sums, MM x G),
+ * written to y (row stride ldy). */
+static inline __attribute__((always_inline)) void gemv_rows(const job_t *j, const uint8_t *w, const float *s,
+                                                            const float *b, float *y, int ldy, int n0, int n1,
+                                                            const int BITS, const int MM) {
+    const int P = 8 / BITS, CV = VL * P, K = j->K, gs = j->gs, G = K / gs, nch = K / CV;
+    const size_t rowbytes = (size_t)K * BITS / 8;
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *wr = w + n * rowbytes;
+        const float *sr = s + (size_t)n * G, *br = b + (size_t)n * G;
+        vf acc0[8], acc1[8];
+        float r[8];
+        for (int m = 0; m < MM; m++) { acc0[m] = acc1[m] = (vf){0}; r[m] = 0.f; }
+        for (int g = 0; g < G; g++)
+            for (int m = 0; m < MM; m++) r[m] += br[g] * j->xs[m * G + g];
+#define CHUNK(c, ACC)                                                                  \
+    {                                                                                  \
+        vi wv = load_chunk(wr + (size_t)(c) * VL);                                     \
+        vf sv = chunk_scale(sr, c, gs, BITS);                                          \
+        vf q[4];                                                                       \
+        for (int jj = 0; jj < P; jj++) q[jj] = codes(wv, jj, BITS);                    \
+        for (int m = 0; m < MM; m++) {                                                 \
+            const float *xc = j->xp + (size_t)m * K + (size_t)(c) * CV;                \
+            vf t = q[0] * loadf(xc);                                                   \
+            for (int jj = 1; jj < P; jj++) t += q[jj] * loadf(xc + jj * VL);           \
+            ACC[m] += t * sv;                                                          \
+        }                                                                              \
+    }
+        int c = 0;
+        if (MM <= 2) { /* two accumulators: the FMA latency chain would otherwise be the bottleneck */
+            for (; c + 1 < nch; c += 2) { CHUNK(c, acc0) CHUNK(c + 1, acc1) }
+        }
+        for (; c < nch; c++) CHUNK(c, acc0)
+#undef CHUNK
+        for (int m = 0; m < MM; m++) y[(size_t)m * ldy + n] = hsum(acc0[m] + acc1[m]) + r[m];
+    }
+}
+
+#define GEMV_M(BITS)                                                                                   \
+    switch (j->M) {                                                                                    \
+    case 1: gemv_rows(j, w, s, b, y, ldy, n0, n1, BITS, 1); break;                                          \
+    case 2: gemv_rows(j, w, s, b, y, ldy, n0, n1, BITS, 2); break;                                          \
+    case 3: gemv_rows(j, w, s, b, y, ldy, n0, n1, BITS, 3); break;                                          \
+    case 4: gemv_rows(j, w, s, b, y, ldy, n0, n1, BITS, 4); break;                                          \
+    case 5: gemv_rows(j, w, s, b, y, ldy, n0, n1, BITS, 5); break;                                          \
+    case 6: gemv_rows(j, w, s, b, y, ldy, n0, n1, BITS, 6); break;                                          \
+    case 7: gemv_rows(j, w, s, b, y, ldy, n0, n1, BITS, 7); break;                                          \
+    default: gemv_rows(j, w, s, b, y, ldy, n0, n1, BITS, 8); break;                                         \
+    }
+
+/* Work item: `rows` rows of one segment (items are numbered segment after segment). */
+static void gemv_item(void *ctx, int item) {
+    const job_t *j = (const job_t *)ctx;
+    int seg = 0, per;
+    while (item >= (per = (j->n[seg] + j->rows - 1) / j->rows)) { item -= per; seg++; }
+    int n0 = item * j->rows, n1 = n0 + j->rows < j->n[seg] ? n0 + j->rows : j->n[seg];
+    const uint8_t *w = j->w[seg];
+    const float *s = j->s[seg], *b = j->b[seg];
+    float *y = j->y[seg];
+    const int ldy = j->n[seg];
+    if (j->bits == 4) { GEMV_M(4) } else if (j->bits == 8) { GEMV_M(8) } else { GEMV_M(2) }
+}
+
+/* Interleave masks: lanes 0..VL/2 (ILO) or VL/2..VL (IHI) of a and b, alternating. */
+#if VL == 16
+static const vi ILO = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+static const vi IHI = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+#else
+static const vi ILO = {0, 8, 1, 9, 2, 10, 3, 11};
+static const vi IHI = {4, 12, 5, 13, 6, 14, 7, 15};
+#endif
+
+/* Dequantize rows [n0, n1) of one matrix into out ((n1-n0) x K, natural order). */
+static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *w, const float *s, const float *b,
+                                                               int K, int gs, float *out, int n0, int n1,
+                                                               const int BITS) {
+    const int P = 8 / BITS, CV = VL * P, G = K / gs, nch = K / CV;
+    const size_t rowbytes = (size_t)K * BITS / 8;
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *wr = w + n * rowbytes;
+        const float *sr = s + (size_t)n * G, *br = b + (size_t)n * G;
+        float *o = out + (size_t)(n - n0) * K;
+        for (int c = 0; c < nch; c++) {
+            vi wv = load_chunk(wr + (size_t)c * VL);
+            vf sv = chunk_scale(sr, c, gs, BITS), bv = chunk_scale(br, c, gs, BITS);
+            vf q[4];
+            for (int jj = 0; jj < P; jj++) q[jj] = codes(wv, jj, BITS) * sv + bv;
+            float *oc = o + (size_t)c * CV;
+            if (P == 1) storef(oc, q[0]);
+            else if (P == 2) {
+                storef(oc, __builtin_shuffle(q[0], q[1], ILO));
+                storef(oc + VL, __builtin_shuffle(q[0], q[1], IHI));
+            } else {
+                vf e0 = __builtin_shuffle(q[0], q[2], ILO), e1 = __builtin_shuffle(q[0], q[2], IHI);
+                vf f0 = __builtin_shuffle(q[1], q[3], ILO), f1 = __builtin_shuffle(q[1], q[3], IHI);
+                storef(oc, __builtin_shuffle(e0, f0, ILO));
+                storef(oc + VL, __builtin_shuffle(e0, f0, IHI));
+                storef(oc + 2 * VL, __builtin_shuffle(e1, f1, ILO));
+                storef(oc + 3 * VL, __builtin_shuffle(e1, f1, IHI));
+            }
+        }
+    }
+}
+
+/* Work item: rows r0 + [item*rows, (item+1)*rows) of segment seg, clipped to the block (M holds its row
+ * count), into out. */
+static void dequant_item(void *ctx, int item) {
+    const job_t *j = (const job_t *)ctx;
+    int a = j->r0 + item * j->rows, e = a + j->rows < j->r0 + j->M ? a + j->rows : j->r0 + j->M;
+    float *o = j->out + (size_t)(a - j->r0) * j->K;
+    const int sg = j->seg;
+    if (j->bits == 4) dequant_rows(j->w[sg], j->s[sg], j->b[sg], j->K, j->gs, o, a, e, 4);
+    else if (j->bits == 8) dequant_rows(j->w[sg], j->s[sg], j->b[sg], j->K, j->gs, o, a, e, 8);
+    else dequant_rows(j->w[sg], j->s[sg], j->b[sg], j->K, j->gs, o, a, e, 2);
+}
+
+/* Rows per work item: about `bytes` of packed weights each, at least 4 rows. */
+static int rows_per_item(int K, int bits, int bytes) {
+    int r = bytes / (K * bits / 8 + 1);
+    return r < 4 ? 4 : r;
+}
+
+/* Rows [r0, r0 + nrows) of segment seg, dequantized into out (nrows x K), on the pool. */
+static void dequant_block(const job_t *j, int seg, float *out, int r0, int nrows) {
+    job_t d = *j;
+    d.out = out, d.seg = seg, d.r0 = r0, d.M = nrows;
+    d.rows = rows_per_item(j->K, j->bits, 16384);
+    parallel_for((nrows + d.rows - 1) / d.rows, dequant_item, &d);
+}
+
+/* 0 if the kernels handle this layout: bits 2, 4 or 8; groups that divide K and line up with the chunks.
+ * Else -1 (bits) or -2 (group size or K). */
+int qk_supported(int K, int bits, int gs) {
+    if (bits != 2 && bits != 4 && bits != 8) return -1;
+    const int CV = VL * (8 / bits);
+    if (gs <= 0 || K % gs != 0 || K % CV != 0 || (CV > gs ? CV != 2 * gs : gs % CV != 0)) return -2;
+    return 0;
+}
+
+static int make_job(job_t *j, int K, int nseg, const void *const *w, const float *const *s,
+                    const float *const *b, const int *n, int bits, int gs) {
+    int e = qk_supported(K, bits, gs);
+    if (e) return e;
+    if (nseg < 1 || nseg > QK_MAX_SEG) return -5;
+    memset(j, 0, sizeof *j);
+    j->K = K, j->nseg = nseg, j->bits = bits, j->gs = gs;
+    for (int i = 0; i < nseg; i++) {
+        j->w[i] = (const uint8_t *)w[i], j->s[i] = s[i], j->b[i] = b[i], j->n[i] = n[i];
+        j->off[i + 1] = j->off[i] + n[i];
+    }
+    j->ntot = j->off[nseg];
+    return 0;
+}
+
+/* The stacked matrices (nseg of them, n[i] rows each, K columns) dequantized into out (sum(n) x K).
+ * Returns 0, or < 0 for an unsupported layout. */
+int qk_dequantize(int K, int nseg, const void *const *w, const float *const *s, const float *const *b,
+                  const int *n, int bits, int gs, float *out) {
+    job_t j;
+    int e = make_job(&j, K, nseg, w, s, b, n, bits, gs);
+    if (e) return e;
+    for (int i = 0; i < nseg; i++) dequant_block(&j, i, out + (size_t)j.off[i] * K, 0, n[i]);
+    return 0;
+}
+
+/* y[i] (M x n[i]) = x (M x K) @ W_i^T for each segment i. For M <= small_m the fused GEMV (8 rows of x at a
+ * time); else dequantize blocks of up to `block` rows into scratch (block x K floats) and multiply each with
+ * sgemm. Returns 0, or < 0: -1/-2 unsupported layout, -3 large M but no sgemm set, -4 out of memory,
+ * -5 too many segments. */
+int qk_matmul(const float *x, int M, int K, int nseg, const void *const *w, const float *const *s,
+              const float *const *b, const int *n, int bits, int gs, float *const *y, float *scratch, int block,
+              int small_m) {
+    job_t j;
+    int e = make_job(&j, K, nseg, w, s, b, n, bits, gs);
+    if (e) return e;
+    j.x = x, j.M = M;
+    for (int i = 0; i < nseg; i++) j.y[i] = y[i];
+    if (M <= small_m) { /* fused GEMV, 8 rows of x at a time */
+        if (M > 8) {
+            float *yc[QK_MAX_SEG];
+            for (int m0 = 0; m0 < M; m0 += 8) {
+                int mb = M - m0 < 8 ? M - m0 : 8;
+                for (int i = 0; i < nseg; i++) yc[i] = y[i] + (size_t)m0 * n[i];
+                e = qk_matmul(x + (size_t)m0 * K, mb, K, nseg, w, s, b, n, bits, gs, yc, scratch, block, small_m);
+                if (e) return e;
+            }
+            return 0;
+        }
+        const int G = K / gs, P = 8 / bits, CV = VL * P;
+        float *xp = (float *)malloc(sizeof(float) * ((size_t)M * K + (size_t)M * G));
+        if (!xp) return -4;
+        float *xs = xp + (size_t)M * K;
+        for (int m = 0; m < M; m++) {
+            const float *xm = x + (size_t)m * K;
+            for (int c = 0; c < K; c += CV)
+                for (int jj = 0; jj < P; jj++)
+                    for (int i = 0; i < VL; i++) xp[(size_t)m * K + c + jj * VL + i] = xm[c + i * P + jj];
+            for (int g = 0; g < G; g++) {
+                float t = 0.f;
+                for (int k = 0; k < gs; k++) t += xm[g * gs + k];
+                xs[m * G + g] = t;
+            }
+        }
+        j.xp = xp, j.xs = xs;
+        j.rows = rows_per_item(K, bits, 8192);
+        int items = 0;
+        for (int i = 0; i < nseg; i++) items += (n[i] + j.rows - 1) / j.rows;
+        parallel_for(items, gemv_item, &j);
+        free(xp);
+        return 0;
+    }
+    if (!qk_sgemm) return -3;
+    for (int i = 0; i < nseg; i++)
+        for (int r0 = 0; r0 < n[i]; r0 += block) {
+            int nb = r0 + block < n[i] ? block : n[i] - r0;
+            dequant_block(&j, i, scratch, r0, nb);
+            qk_sgemm(RowMajor, NoTrans, Trans, M, nb, K, 1.0f, x, K, scratch, K, 0.0f, y[i] + r0, n[i]);
+        }
+    return 0;
+}
