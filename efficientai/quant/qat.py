@@ -17,18 +17,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .ptq import QuantSpec, quantizable, is_quantized
+from .ptq import QuantSpec, quantizable, is_quantized, qdq  # qdq: the exact weights of a quantized layer
 
 # %% auto #0
-__all__ = ['qdq', 'fake_quantize', 'FakeQuantLinear', 'prepare_qat', 'convert', 'accuracy', 'train_classifier']
+__all__ = ['fake_quantize', 'FakeQuantLinear', 'prepare_qat', 'convert', 'accuracy', 'train_classifier']
 
 # %% ../../nbs/20_quantization/04_qat.ipynb #aa03bb92
-def qdq(w: mx.array, bits: int = 4, group_size: int = 64, mode: str = "affine") -> mx.array:
-    "`w` quantized and dequantized with MLX's own kernels: the weights a `QuantizedLinear` of this format computes with."
-    QuantSpec(bits, group_size, mode)   # checks the combination
-    return mx.dequantize(*mx.quantize(w, group_size=group_size, bits=bits, mode=mode),
-                         group_size=group_size, bits=bits, mode=mode)
-
 def fake_quantize(w: mx.array, bits: int = 4, group_size: int = 64, mode: str = "affine") -> mx.array:
     """Forward: `qdq(w)`, bit for bit. Backward: identity (straight-through estimator). The textbook
     `w + stop_gradient(qdq(w) - w)`, arranged so the value is `qdq(w)` by construction (`w - w` is exactly 0)."""
