@@ -2,8 +2,9 @@
 # The whole test suite (what CI runs): set up, then
 #  1. nbdev-export / nbdev-clean leave no diff, README.md is generated from nbs/index.ipynb;
 #  2. nbdev-test runs every notebook's tests;
-#  3. each benchmark notebook runs with papermill on its quick parameters;
-#  4. pytest: integration tests in tests/ plus nbval validation of the executed benchmark notebooks.
+#  3. each benchmark notebook gets its quick parameters from papermill (--prepare-only: injected, not run);
+#  4. pytest: integration tests in tests/ plus nbval, which executes each parameterised benchmark notebook once
+#     (--nbval-lax: its asserts and errors fail the run; outputs are measurements, so they are not compared).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -34,15 +35,15 @@ find nbs -name '*.ipynb' -not -path 'nbs/benchmarks/*' -not -path '*/.*' -not -p
   echo "   $nb: $((SECONDS - start)) s"
 done
 
-echo "== benchmark notebooks (papermill, quick parameters)"
+echo "== benchmark notebooks (papermill injects the quick parameters)"
 OUT="$ROOT/runs/ci"
 rm -rf "$OUT"; mkdir -p "$OUT/notebooks"
 for nb in nbs/benchmarks/*.ipynb; do
   name=$(basename "$nb" .ipynb)
   $V/papermill "$nb" "$OUT/notebooks/$name.ipynb" -k efficientai --cwd nbs/benchmarks \
-    -f "nbs/benchmarks/quick/$name.yaml" -p out_dir "$OUT/results" --no-progress-bar
+    -f "nbs/benchmarks/quick/$name.yaml" -p out_dir "$OUT/results" --no-progress-bar --prepare-only
 done
 
-echo "== pytest (integration tests + nbval of the executed benchmark notebooks)"
-$V/python -m pytest tests "$OUT/notebooks" --nbval --nbval-kernel-name efficientai \
+echo "== pytest (integration tests + nbval runs the parameterised benchmark notebooks)"
+$V/python -m pytest tests "$OUT/notebooks" --nbval-lax --nbval-kernel-name efficientai \
   --nbval-sanitize-with nbs/benchmarks/sanitize.cfg -p no:cacheprovider -q
