@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten, tree_map_with_path
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
-from .ptq import QuantSpec, parse_spec, quantizable, is_quantized
+from .ptq import QuantSpec, parse_spec, quantizable, is_quantized, require_float
 
 # %% auto #0
 __all__ = ['calibration_tokens', 'pack_codes', 'unpack_codes', 'Hessian', 'collect_hessians', 'gptq_quantize_weight',
@@ -162,10 +162,7 @@ def _quantize_embeddings(model: nn.Module, embed: QuantSpec | None) -> None:
     nn.quantize(model, class_predicate=lambda p, m: isinstance(m, nn.Embedding) and quantizable(p, m, embed.group_size)
                 and embed.as_dict())
 
-def _check_float(model: nn.Module) -> None:
-    if is_quantized(model):
-        raise ConfigError("the model is already quantized", key="model",
-                          hint="calibrate the float model (efficientai.zoo.llm.dense_copy(model) gives the float weights back)")
+def _check_float(model: nn.Module) -> None: require_float(model, "calibrate")
 
 def gptq(model: nn.Module, calib: mx.array | None = None, bits: int = 4, group_size: int = 64, *,
          hessians: list[Hessian] | None = None, damp: float = 0.01, embed: QuantSpec | str | None = "q8",

@@ -122,6 +122,7 @@ class Kernels:
         lib.qk_dequantize.argtypes = [_I, _I, _P, _P, _P, _P, _I, _I, _P]
         lib.qk_has_sgemm.restype = _I
         lib.qk_matmul.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _I, _I, _P, _P, _I, _I]
+        lib.qk_matmul_stacked.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _I, _I, _P, _P, _I]
         self.threads = lib.qk_init(threads or min(len(os.sched_getaffinity(0)), 16), spin)
         self.lanes = lib.qk_lanes()
         # MLX's own BLAS if efficientai preloaded it, else OpenBLAS loaded just for us (mlx was imported first)
@@ -131,7 +132,7 @@ class Kernels:
             lib.qk_set_sgemm(ctypes.cast(ctypes.CDLL(str(blas)).cblas_sgemm, _P))
         self.has_sgemm = bool(blas) and lib.qk_has_sgemm() == 1
         self.small_m = 16         # up to this many rows of x: fused GEMV (8 at a time); more: dequantize + sgemm
-        self.block_bytes = 2 << 20  # float32 scratch per sgemm block
+        self.block_bytes = 8 << 20  # float32 scratch per sgemm block: a stacked gate/up of a small model fits
         self._scratch, self._out = np.empty(0, np.float32), np.empty(0, np.float32)
         self._lock = threading.Lock()
 
@@ -149,6 +150,7 @@ class Kernels:
         p0 = stack.parts[0]
         block = max(256, self.block_bytes // (4 * k))
         small_m = self.small_m if self.has_sgemm else m          # no BLAS: the GEMV, 8 rows at a time
+        if m > small_m: return self._stacked(x, stack, block)
         with self._lock:       # the outputs go to a reused buffer (fresh ones cost page faults), copied out under the lock
             if self._out.size < m * stack.n: self._out = np.empty(m * stack.n, np.float32)
             ys, start = [], 0
@@ -161,6 +163,22 @@ class Kernels:
                                     ctypes.cast(yp, _P), self._scratch.ctypes.data, block, small_m)
             if rc != 0: raise RuntimeError(f"qk_matmul failed with code {rc} (M={m}, K={k}, bits={p0.bits}, group {p0.group_size})")
             return [mx.array(y) for y in ys]
+
+    def _stacked(self, x: np.ndarray, stack: _Stack, block: int) -> list[mx.array]:
+        "Prompt-sized `x`: the stack's matrices dequantized as one and multiplied with one sgemm per scratch block."
+        m, k = x.shape
+        p0, n = stack.parts[0], stack.n
+        with self._lock:
+            if self._out.size < m * n: self._out = np.empty(m * n, np.float32)
+            if self._scratch.size < block * k: self._scratch = np.empty(block * k, np.float32)
+            y = self._out[:m * n].reshape(m, n)
+            rc = self.lib.qk_matmul_stacked(x.ctypes.data, m, k, len(stack.parts), *stack.ptrs, p0.bits, p0.group_size,
+                                            y.ctypes.data, self._scratch.ctypes.data, block)
+            if rc != 0: raise RuntimeError(f"qk_matmul_stacked failed with code {rc} (M={m}, K={k}, bits={p0.bits})")
+            ys = mx.array(y)                                     # one copy out of the reused buffer
+        if len(stack.parts) == 1: return [ys]
+        offs = np.cumsum([0] + [p.n for p in stack.parts])
+        return [ys[:, a:b] for a, b in zip(offs[:-1], offs[1:])]   # lazy column views of one product
 
     def dequantize(self, stack: _Stack) -> np.ndarray:
         "The stacked matrices as float32 (sum of rows, K)."

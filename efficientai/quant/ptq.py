@@ -18,8 +18,8 @@ from ..errors import ConfigError, ModelLoadingError
 from ..io import atomic_dir
 
 # %% auto #0
-__all__ = ['MODES', 'QuantSpec', 'parse_spec', 'qdq', 'quantizable', 'is_quantized', 'quantize', 'clone', 'quantize_copy',
-           'weight_bytes', 'parameter_count', 'bits_per_weight', 'save_quantized', 'folder_mb']
+__all__ = ['MODES', 'QuantSpec', 'parse_spec', 'qdq', 'quantizable', 'is_quantized', 'require_float', 'quantize', 'clone',
+           'quantize_copy', 'weight_bytes', 'parameter_count', 'bits_per_weight', 'save_quantized', 'folder_mb']
 
 # %% ../../nbs/20_quantization/00_ptq.ipynb #75e87e20
 MODES: dict[str, dict] = {
@@ -91,15 +91,20 @@ def is_quantized(model: nn.Module) -> bool:
     "Whether any layer of `model` holds quantized codes."
     return any(hasattr(m, "scales") for _, m in model.named_modules())
 
+def require_float(model: nn.Module, what: str = "quantize") -> nn.Module:
+    "`model` if it holds no quantized layer; else a `ConfigError` saying that `what` needs the float weights."
+    if is_quantized(model):
+        raise ConfigError(f"the model is already quantized: {what} needs float weights", key="model",
+                          hint=f"{what} the float model (efficientai.zoo.llm.dense_copy(model) gives the float weights back)")
+    return model
+
 def quantize(model: nn.Module, spec: QuantSpec | str | None = None, *, layers: dict[str, QuantSpec | None] | None = None,
              skip: Callable[[str, nn.Module], bool] | None = None, config: dict | None = None) -> dict:
     """Quantize `model` in place to `spec`, with per-path overrides in `layers` (`None` keeps that layer in float).
     Returns the model config (`config`, or `{}`) with mlx-lm's `quantization` block."""
     spec = parse_spec(spec or QuantSpec())
     layers = {k: (parse_spec(v) if v is not None else None) for k, v in (layers or {}).items()}
-    if is_quantized(model):
-        raise ConfigError("the model is already quantized", key="model",
-                          hint="quantize the float model (efficientai.zoo.llm.dense_copy(model) gives the float weights back)")
+    require_float(model, "quantize")
     names = {p for p, _ in model.named_modules()}
     unknown = sorted(set(layers) - names)
     if unknown:

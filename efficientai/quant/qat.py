@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .ptq import QuantSpec, quantizable, is_quantized, qdq  # qdq: the exact weights of a quantized layer
+from .ptq import QuantSpec, quantizable, is_quantized, require_float, qdq  # qdq: the exact weights of a quantized layer
 
 # %% auto #0
 __all__ = ['fake_quantize', 'FakeQuantLinear', 'prepare_qat', 'convert', 'accuracy', 'train_classifier']
@@ -61,9 +61,7 @@ def prepare_qat(model: nn.Module, bits: int = 4, group_size: int = 64, mode: str
                 skip: Callable[[str, nn.Module], bool] | None = None) -> nn.Module:
     "Swap every quantizable `nn.Linear` of `model` (in place) for a `FakeQuantLinear` of this format; returns `model`."
     QuantSpec(bits, group_size, mode)
-    if is_quantized(model):
-        raise ConfigError("the model already holds quantized layers", key="model",
-                          hint="QAT starts from float weights (efficientai.zoo.llm.dense_copy gives them back)")
+    require_float(model, "QAT")
     new = [(p, FakeQuantLinear.from_linear(m, bits, group_size, mode))
            for p, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
            if type(m) is nn.Linear and quantizable(p, m, group_size) and not (skip and skip(p, m))]

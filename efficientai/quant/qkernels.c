@@ -31,7 +31,7 @@
 #include <immintrin.h>
 #endif
 
-#define QK_VERSION 2
+#define QK_VERSION 3
 
 #if defined(__AVX512F__)
 #define VL 16
@@ -435,5 +435,27 @@ int qk_matmul(const float *x, int M, int K, int nseg, const void *const *w, cons
             dequant_block(&j, i, scratch, r0, nb);
             qk_sgemm(RowMajor, NoTrans, Trans, M, nb, K, 1.0f, x, K, scratch, K, 0.0f, y[i] + r0, n[i]);
         }
+    return 0;
+}
+
+/* y (M x ntot, row-major) = x (M x K) @ [W_0; W_1; ...]^T for prompt-sized M: the segments' rows are stacked
+ * (q/k/v, gate/up), dequantized into scratch `block` stacked rows at a time (across segment boundaries) and each
+ * block is one sgemm, so a fused stack is a single large sgemm when it fits the scratch. Segment i's output is
+ * columns [off_i, off_i + n_i) of y. Returns 0 or < 0 as qk_matmul. */
+int qk_matmul_stacked(const float *x, int M, int K, int nseg, const void *const *w, const float *const *s,
+                      const float *const *b, const int *n, int bits, int gs, float *y, float *scratch, int block) {
+    job_t j;
+    int e = make_job(&j, K, nseg, w, s, b, n, bits, gs);
+    if (e) return e;
+    if (!qk_sgemm) return -3;
+    const int ntot = j.ntot;
+    for (int r0 = 0; r0 < ntot; r0 += block) {
+        const int r1 = r0 + block < ntot ? r0 + block : ntot;
+        for (int i = 0; i < nseg; i++) {
+            const int a = j.off[i] > r0 ? j.off[i] : r0, z = j.off[i + 1] < r1 ? j.off[i + 1] : r1;
+            if (a < z) dequant_block(&j, i, scratch + (size_t)(a - r0) * K, a - j.off[i], z - a);
+        }
+        qk_sgemm(RowMajor, NoTrans, Trans, M, r1 - r0, K, 1.0f, x, K, scratch, K, 0.0f, y + r0, ntot);
+    }
     return 0;
 }
