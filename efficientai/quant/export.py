@@ -23,11 +23,11 @@ from ..zoo.tiny import CNN, MLP
 
 # %% auto #0
 __all__ = ['LLAMA_TYPES', 'LLAMA_LINEARS', 'SUPPORTED', 'ONNX_OPSET', 'RMS_TAG', 'COREML_COMPRESSIONS', 'QWeight', 'qweight',
-           'dense_weight', 'Lin', 'LlamaSpec', 'layer_weights', 'llama_spec', 'rope_tables', 'OnnxGraph',
-           'onnx_dequantize', 'onnx_linear', 'onnx_embedding', 'onnx_tied_head', 'onnx_rms_norm', 'onnx_llama',
-           'model_kind', 'onnx_classifier', 'export_onnx', 'onnx_metadata', 'check_onnx', 'mil_linear', 'mil_rms_norm',
-           'mil_llama', 'mil_classifier', 'coreml_reference', 'export_coreml', 'package_mb', 'inspect_coreml',
-           'coreml_weight']
+           'dense_weight', 'Lin', 'LlamaSpec', 'LowRankLin', 'is_low_rank', 'layer_weights', 'llama_spec',
+           'rope_tables', 'OnnxGraph', 'onnx_dequantize', 'onnx_linear', 'onnx_embedding', 'onnx_tied_head',
+           'onnx_rms_norm', 'onnx_llama', 'model_kind', 'onnx_classifier', 'export_onnx', 'onnx_metadata', 'check_onnx',
+           'mil_linear', 'mil_rms_norm', 'mil_llama', 'mil_classifier', 'coreml_reference', 'export_coreml',
+           'package_mb', 'inspect_coreml', 'coreml_weight']
 
 # %% ../../nbs/20_quantization/06_export.ipynb #8d6d27ee
 @dataclass
@@ -106,6 +106,21 @@ class LlamaSpec:
     norm: np.ndarray
     blocks: list[dict[str, Any]] = field(default_factory=list)
 
+@dataclass
+class LowRankLin:
+    "A factorized linear layer y = up(down(x)): `down` (rank, K) without bias, then `up` (N, rank) with the layer's bias."
+    down: Lin
+    up: Lin
+    @property
+    def shape(self) -> tuple[int, int]: return (self.up.shape[0], self.down.shape[1])
+    @property
+    def rank(self) -> int: return self.down.shape[0]
+
+def is_low_rank(m: nn.Module) -> bool:
+    "Whether `m` is a factorized linear layer: exactly two children, `down` and `up`, each a Linear or QuantizedLinear."
+    return (isinstance(m, nn.Module) and set(m.keys()) == {"down", "up"}
+            and all(isinstance(m[k], (nn.Linear, nn.QuantizedLinear)) for k in ("down", "up")))
+
 LLAMA_TYPES = ("llama",)
 LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -114,17 +129,20 @@ SUPPORTED = "mlx-lm llama-architecture models (model_type 'llama') and the toolk
 def _unsupported(what: str, where: str, supported: str) -> DeploymentError:
     return DeploymentError(f"can't export {what}", where=where, hint=f"supported: {supported}")
 
-def layer_weights(m: nn.Module, where: str, quantized: bool = False) -> Lin:
-    "A Linear/Embedding (quantized or not) as a `Lin`: MLX codes kept if `quantized`, else float32 weights."
+def layer_weights(m: nn.Module, where: str, quantized: bool = False) -> Lin | LowRankLin:
+    "A Linear/Embedding (quantized or not) as a `Lin`, a low-rank pair as a `LowRankLin`: MLX codes kept if `quantized`, else float32 weights."
+    if is_low_rank(m):
+        return LowRankLin(layer_weights(m["down"], f"{where}.down", quantized), layer_weights(m["up"], f"{where}.up", quantized))
     if not isinstance(m, (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding)):
-        raise _unsupported(f"a {type(m).__name__} layer", where, "mlx.nn Linear, Embedding and their quantized forms "
-                           "(fuse adapters such as LoRA into the base weights first)")
+        raise _unsupported(f"a {type(m).__name__} layer", where, "mlx.nn Linear, Embedding, their quantized forms and "
+                           "low-rank down/up pairs (fuse adapters such as LoRA into the base weights first)")
     w = qweight(m, where) if quantized and _qlayer(m) else dense_weight(m)
     b = m.get("bias") if isinstance(m, (nn.Linear, nn.QuantizedLinear)) else None
     return Lin(w, None if b is None else _np(b))
 
-def _half_split_rows(lin: Lin, n_heads: int) -> Lin:
+def _half_split_rows(lin: Lin | LowRankLin, n_heads: int) -> Lin | LowRankLin:
     "Reorder each head's rows from adjacent pairs (traditional rope) to halves (standard rope)."
+    if isinstance(lin, LowRankLin): return LowRankLin(lin.down, _half_split_rows(lin.up, n_heads))  # rows live in `up`
     n = lin.shape[0]; d = n // n_heads
     perm = (np.arange(n_heads)[:, None] * d + np.r_[np.arange(0, d, 2), np.arange(1, d, 2)][None]).ravel()
     w = lin.weight
@@ -241,8 +259,12 @@ def onnx_dequantize(g: OnnxGraph, w: QWeight, name: str, ids: str | None = None)
     rows = g.op("Add", g.op("Mul", q, s), b)
     return g.op("Reshape", rows, g.op("Concat", g._lead(rows, 2), g.const([K]), axis=0))
 
-def onnx_linear(g: OnnxGraph, x: str, lin: Lin, name: str, *, accuracy_level: int = 0) -> str:
-    "x @ W.T (+ bias): `MatMul` for float weights, `MatMulNBits` on MLX's codes for 2/4-bit (and 8-bit at accuracy_level 4)."
+def onnx_linear(g: OnnxGraph, x: str, lin: Lin | LowRankLin, name: str, *, accuracy_level: int = 0) -> str:
+    """x @ W.T (+ bias): `MatMul` for float weights, `MatMulNBits` on MLX's codes for 2/4-bit (and 8-bit at accuracy_level 4);
+    a `LowRankLin` is two such products, (x @ down.T) @ up.T."""
+    if isinstance(lin, LowRankLin):
+        h = onnx_linear(g, x, lin.down, f"{name}.down", accuracy_level=accuracy_level)
+        return onnx_linear(g, h, lin.up, f"{name}.up", accuracy_level=accuracy_level)
     w = lin.weight
     if isinstance(w, QWeight) and (w.bits < 8 or accuracy_level == 4):
         N, K = w.shape
@@ -478,8 +500,10 @@ def _mil_weight(mb, w: np.ndarray | QWeight, name: str):
     return mb.constexpr_blockwise_shift_scale(data=w.unpack().astype(types.np_uint4_dtype if w.bits == 4 else np.uint8),
                                               scale=s, offset=(-w.biases / s).astype(np.float32), name=name)
 
-def mil_linear(mb, x, lin: Lin, name: str, out: str | None = None):
-    "x @ W.T (+ bias) as a MIL `linear` (weight named `name`.weight, op named `out` or `name`)."
+def mil_linear(mb, x, lin: Lin | LowRankLin, name: str, out: str | None = None):
+    "x @ W.T (+ bias) as a MIL `linear` (weight named `name`.weight, op named `out` or `name`); a `LowRankLin` as two."
+    if isinstance(lin, LowRankLin):
+        return mil_linear(mb, mil_linear(mb, x, lin.down, f"{name}.down"), lin.up, f"{name}.up", out or name)
     kw = {"bias": lin.bias} if lin.bias is not None else {}
     return mb.linear(x=x, weight=_mil_weight(mb, lin.weight, f"{name}.weight"), name=out or name, **kw)
 
