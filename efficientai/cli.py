@@ -186,7 +186,7 @@ def docs_readme(args) -> int:
     return 0
 
 # %% ../nbs/00_foundation/07_cli.ipynb #5a268df5
-CHAPTER_CLIS = ("efficientai.zoo.catalog", "efficientai.lora.cli", "efficientai.quant.cli")  # modules whose `@command`s join the CLI (imported on demand)
+CHAPTER_CLIS = ("efficientai.zoo.catalog", "efficientai.lora.cli", "efficientai.quant.cli", "efficientai.compress.cli")  # modules whose `@command`s join the CLI (imported on demand)
 
 def build_parser() -> argparse.ArgumentParser:
     import importlib

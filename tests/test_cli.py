@@ -5,7 +5,7 @@ from pathlib import Path
 
 def test_help_lists_every_command(cli):
     out = cli("--help").stdout
-    for c in ("info", "bench", "config", "kernel", "docs", "zoo", "lora", "quant"):
+    for c in ("info", "bench", "config", "kernel", "docs", "zoo", "lora", "quant", "compress"):
         assert c in out
 
 

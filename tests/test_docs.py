@@ -29,12 +29,15 @@ def test_offline_site_renders_every_chapter_page(cli, tmp_path):
     for name in ("ptq", "metrics", "mixed", "calibrated", "qat", "kernels", "export", "cli"):
         assert f"20_quantization/{name}.html" in pages
     assert "QuantSpec" in (out / "20_quantization" / "ptq.html").read_text()
+    for name in ("train", "prune", "structured", "lowrank", "distill", "deploy", "pipeline", "cli"):
+        assert f"30_compression/{name}.html" in pages
+    assert "run_pipeline" in (out / "30_compression" / "pipeline.html").read_text()
 
 
 def test_offline_site_build_executes_and_renders_every_page(cli, tmp_path):
     out = tmp_path / "site"
     cli("docs", "build", "--out", str(out), "--skip", "benchmarks", "--skip", "05_zoo", "--skip", "10_lora",
-        "--skip", "20_quantization")
+        "--skip", "20_quantization", "--skip", "30_compression")
     pages = {p.relative_to(out).as_posix() for p in out.rglob("*.html")}
     for name in ("errors", "backend", "config", "logging", "io", "benchmark", "plotting", "cli", "docs"):
         assert f"00_foundation/{name}.html" in pages

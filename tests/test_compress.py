@@ -1,0 +1,49 @@
+"""The compression chapter end to end from the command line: what a user who never opens a notebook runs."""
+import json
+from conftest import BIN, run
+
+MODEL = "smollm2-135m-instruct"
+
+
+def test_pruned_quantized_llm_is_an_mlx_lm_folder(cli, tmp_path):
+    out = tmp_path / "llm"
+    p = cli("compress", "run", MODEL, "--pipeline", "prune=0.3@2,quantize=q8", "--train-tokens", "4000",
+            "--eval-tokens", "520", "--no-onnx", "--repeat", "1", "--out", str(out))
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["variant"] for r in rows] == ["original", "prune=0.3@2", "prune=0.3@2+quantize=q8"], p.stdout
+    assert rows[1]["params"] < 0.85 * rows[0]["params"] and rows[2]["disk_mb"] < 0.3 * rows[1]["disk_mb"]
+    assert rows[0]["perplexity"] < rows[1]["perplexity"] < 10 * rows[0]["perplexity"]
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert cfg["intermediate_size"] < 1536 and cfg["quantization"]["bits"] == 8
+    g = run([str(BIN / "python"), "-m", "mlx_lm", "generate", "--model", str(out / "model"), "--prompt", "In the beginning",
+             "--max-tokens", "8", "--temp", "0"])
+    assert g.stdout.count("==========") == 2 and "Generation:" in g.stdout, g.stdout
+
+
+def test_factorized_cnn_exports_to_onnx_and_reloads(cli, tmp_path):
+    out = tmp_path / "cnn"
+    cli("compress", "run", "fashion-cnn", "--pipeline", "lowrank=0.6@20", "--repeat", "1", "--out", str(out))
+    rows = json.loads((out / "compare.json").read_text())
+    assert rows[1]["params"] < rows[0]["params"] and rows[1]["onnx_max_diff"] < 1e-3, rows
+    assert rows[1]["accuracy"] > 0.7, rows
+    # the saved model is the factorized one: a second pipeline starts from it
+    cli("compress", "run", str(out / "model"), "--pipeline", "quantize=q8g32", "--repeat", "1", "--no-onnx", "--out", str(tmp_path / "q"))
+    rows2 = json.loads((tmp_path / "q" / "compare.json").read_text())
+    assert rows2[0]["params"] == rows[1]["params"] and abs(rows2[0]["accuracy"] - rows[1]["accuracy"]) < 1e-9
+
+
+def test_bad_inputs_name_what_is_wrong_and_keep_earlier_results(cli, tmp_path):
+    p = cli("compress", "run", MODEL, "--pipeline", "shrink=0.5", "--out", str(tmp_path / "x"), check=False)
+    assert p.returncode == 2 and "shrink" in p.stderr, p.stderr
+    p = cli("compress", "run", str(tmp_path / "missing"), "--pipeline", "prune=0.5", "--out", str(tmp_path / "x"), check=False)
+    assert p.returncode == 2 and "missing" in p.stderr, p.stderr
+    p = cli("compress", "run", "fashion-cnn", "--pipeline", "heads=0.5", "--out", str(tmp_path / "x"), check=False)
+    assert p.returncode == 2 and "heads" in p.stderr, p.stderr
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "cnn"
+    cli("compress", "run", "fashion-cnn", "--pipeline", "prune=0.5", "--no-onnx", "--repeat", "1", "--out", str(out))
+    before = {f.name: f.stat().st_size for f in (out / "model").iterdir()}
+    p = cli("compress", "run", "fashion-cnn", "--pipeline", "prune=0.5,quantize=q8", "--no-onnx", "--out", str(out), check=False)
+    # 8-bit groups of 64 would leave the pruned CNN's layers in float: refused, naming the layers, nothing overwritten
+    assert p.returncode == 2 and "fc" in p.stderr and "g32" in p.stderr, p.stderr
+    assert {f.name: f.stat().st_size for f in (out / "model").iterdir()} == before
