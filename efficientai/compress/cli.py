@@ -13,11 +13,9 @@ from ..cli import command
 from ..errors import ConfigError, ModelLoadingError
 
 # %% auto #0
-__all__ = ['VISION_MODELS', 'load_any', 'compress_run']
+__all__ = ['load_any', 'compress_run']
 
 # %% ../../nbs/30_compression/07_cli.ipynb #09a9d245
-VISION_MODELS = ("fashion-cnn",)
-
 def load_any(name: str):
     "`(model, tokenizer or None)`: the zoo's Fashion-MNIST CNN teacher, a saved classifier folder, or a language model."
     from efficientai.compress.pipeline import CLASSIFIER_FORMAT, load_classifier
@@ -27,10 +25,10 @@ def load_any(name: str):
         return load_teacher(fetch_entry(fashion_teacher_entry())).model, None
     cfg = Path(name) / "config.json"
     if cfg.is_file():
-        try: is_classifier = json.loads(cfg.read_text()).get("format") == CLASSIFIER_FORMAT
+        try: info = json.loads(cfg.read_text())
         except ValueError as e: raise ModelLoadingError(f"config.json is not JSON: {e}", where=cfg) from e
-        if is_classifier: return load_classifier(name), None
-        if "low_rank" in json.loads(cfg.read_text()):
+        if info.get("format") == CLASSIFIER_FORMAT: return load_classifier(name), None
+        if "low_rank" in info:
             from efficientai.compress.lowrank import load_lowrank
             return load_lowrank(name)
     from efficientai.zoo.catalog import load_model

@@ -43,7 +43,7 @@ class Stage:
     def name(self) -> str:
         return self.kind + (f"={self.value}" if self.value is not None else "") + (f"@{self.steps}" if self.steps else "")
 
-def _fraction(v: str, where: str, lo_open: bool = True) -> float:
+def _fraction(v: str, where: str) -> float:
     try: f = float(v)
     except ValueError: f = None
     if f is None or not (0 < f < 1):
