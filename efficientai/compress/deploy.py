@@ -18,7 +18,7 @@ from ..errors import ConfigError, DeploymentError
 from ..quant.ptq import parameter_count, is_quantized, bits_per_weight
 from ..quant.metrics import disk_mb
 from ..quant.export import export_onnx, check_onnx, model_kind
-from ..quant.kernels import fast_quantized
+from ..quant.kernels import fast_quantized, prompt_path
 from ..plotting import style, PALETTE, BASELINE_COLOR
 
 # %% auto #0
@@ -51,7 +51,9 @@ def measure(name: str, model: nn.Module, *, quality: Callable[[nn.Module], float
             onnx: bool = True, repeat: int = 5, **extra) -> dict:
     """One table row for `model`: parameters, non-zeros, disk MB, quality, MLX and onnxruntime latency on `inputs`.
     A model the ONNX exporter refuses gets its MLX latency and the exporter's reason (`onnx_error`)."""
-    with fast_quantized(model, "auto"):      # quantized layers on the CPU kernels (MLX's own CPU path is single-threaded)
+    # quantized layers on the CPU kernels (MLX's own CPU path is single-threaded), with float prompts: MLX's numbers,
+    # so quality and the ONNX check see the model itself (the int8 prompt path rounds activations)
+    with fast_quantized(model, "auto"), prompt_path("float"):
         return _measure(name, model, quality, inputs, quality_name, onnx, repeat, extra)
 
 def _measure(name, model, quality, inputs, quality_name, onnx, repeat, extra) -> dict:

@@ -31,7 +31,7 @@
 #include <immintrin.h>
 #endif
 
-#define QK_VERSION 3
+#define QK_VERSION 4
 
 #if defined(__AVX512F__)
 #define VL 16
@@ -458,4 +458,170 @@ int qk_matmul_stacked(const float *x, int M, int K, int nseg, const void *const 
         qk_sgemm(RowMajor, NoTrans, Trans, M, r1 - r0, K, 1.0f, x, K, scratch, K, 0.0f, y + r0, ntot);
     }
     return 0;
+}
+
+/* ---------------------------------------------------------------- int8 prompt path (AVX-512 VNNI)
+ * Prompt-sized M without dequantizing: x is quantized per row and group to int8 (scale dx = max|x| / 127), and
+ * each group's dot of codes with x is an integer dot product:
+ *   sum_k x_k (s q_k + b) ~= dx sum_k xq_k (s q_k + b) = s dx sum_k q_k xq_k + b dx sum_k xq_k.
+ * The bias term uses the sum of the quantized x, not the exact one: then the result is exactly the dot of the
+ * rounded x with the weights, whose error scales with |w|, not with the codes' offset s*q (~8s at 4 bits).
+ * VPDPBUSD multiplies 4 unsigned bytes (codes) by 4 signed bytes (x) and adds them into an int32 lane, 64
+ * products per instruction, 4x an fp32 FMA. A tile is 16 output rows, one per int32 lane: word q of each of the
+ * 16 rows is gathered into one vector (MLX's packing kept: plane p of a word, (w >> bits*p) & mask per byte,
+ * holds codes i*P + p, i < 4), and 4 bytes of x in the same order are broadcast to every lane. Tiles are
+ * repacked per call from MLX's arrays, so nothing but MLX's weights is kept in memory. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#define QK_INT8 1
+#define TR 16 /* output rows per tile (int32 lanes) */
+#define MT 8  /* rows of x per register block */
+
+typedef struct {
+    const job_t *j;
+    const int8_t *xq; /* Mp x K, permuted to the codes' plane order */
+    const float *dx, *xs; /* Mp x G */
+    int M, Mp;
+    float *y;       /* M x ntot */
+    const float *x; /* M x K */
+    _Atomic int failed; /* a work item could not allocate its tile */
+} i8job_t;
+
+/* Rows of x to int8, QROWS rows per work item. Per group: scale max|x| / 127, codes rounded to nearest (even),
+ * and their sum; 16 values at a time, each 16-byte chunk shuffled into the planes' order (codes i*P + p of a
+ * word at byte 4p + i; a word holds 4P codes, 4P <= 16, so chunks never straddle words). */
+#define QROWS 4
+static void quant_item(void *ctx, int item) {
+    i8job_t *c = (i8job_t *)ctx;
+    const job_t *j = c->j;
+    const int K = j->K, gs = j->gs, G = K / gs, P = 8 / j->bits;
+    int8_t perm[16];
+    for (int t = 0; t < 16; t++) { /* destination byte t of a chunk takes source code perm[t] */
+        const int w = t / (4 * P) * (4 * P), bt = t - w, p = bt / 4, i = bt % 4;
+        perm[t] = (int8_t)(w + i * P + p);
+    }
+    const __m128i shuf = _mm_loadu_si128((const __m128i *)perm);
+    int8_t *xq = (int8_t *)c->xq;
+    float *dx = (float *)c->dx, *xs = (float *)c->xs;
+    for (int m = item * QROWS; m < (item + 1) * QROWS && m < c->M; m++) {
+        const float *xm = c->x + (size_t)m * K;
+        for (int g = 0; g < G; g++) {
+            const float *xg = xm + (size_t)g * gs;
+            __m512 amax = _mm512_setzero_ps();
+            for (int k = 0; k < gs; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
+            const float am = _mm512_reduce_max_ps(amax);
+            const __m512 inv = _mm512_set1_ps(am > 0 ? 127.f / am : 0.f);
+            __m512i isum = _mm512_setzero_si512();
+            for (int k = 0; k < gs; k += 16) {
+                const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + k), inv));
+                isum = _mm512_add_epi32(isum, v);
+                _mm_storeu_si128((__m128i *)(xq + (size_t)m * K + (size_t)g * gs + k),
+                                 _mm_shuffle_epi8(_mm512_cvtsepi32_epi8(v), shuf));
+            }
+            const float d = am / 127.f;
+            dx[(size_t)m * G + g] = d, xs[(size_t)m * G + g] = d * (float)_mm512_reduce_add_epi32(isum);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void i8_tile(const i8job_t *c, int seg, int n0, uint32_t *tw, float *ts,
+                                                          float *tb, const int BITS) {
+    const job_t *j = c->j;
+    const int K = j->K, gs = j->gs, G = K / gs, WPR = K * BITS / 32, WPG = gs * BITS / 32, CPW = 32 / BITS,
+              P = 8 / BITS, ntot = j->ntot;
+    const int nr = j->n[seg] - n0 < TR ? j->n[seg] - n0 : TR;
+    const uint32_t *w = (const uint32_t *)j->w[seg] + (size_t)n0 * WPR;
+    const float *s = j->s[seg] + (size_t)n0 * G, *b = j->b[seg] + (size_t)n0 * G;
+    for (int r = 0; r < TR; r++)
+        for (int q = 0; q < WPR; q++) tw[(size_t)q * TR + r] = r < nr ? w[(size_t)r * WPR + q] : 0;
+    for (int r = 0; r < TR; r++)
+        for (int g = 0; g < G; g++) {
+            ts[g * TR + r] = r < nr ? s[(size_t)r * G + g] : 0.f;
+            tb[g * TR + r] = r < nr ? b[(size_t)r * G + g] : 0.f;
+        }
+    const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
+    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
+    float *y = c->y + j->off[seg] + n0;
+    for (int m0 = 0; m0 < c->Mp; m0 += MT) {
+        __m512 acc[MT];
+        for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();
+        const int8_t *xr = c->xq + (size_t)m0 * K;
+        for (int g = 0; g < G; g++) {
+            __m512i ai[MT];
+            for (int m = 0; m < MT; m++) ai[m] = _mm512_setzero_si512();
+            for (int q = g * WPG; q < (g + 1) * WPG; q++) {
+                const __m512i wv = _mm512_loadu_si512((const void *)(tw + (size_t)q * TR));
+                for (int p = 0; p < P; p++) {
+                    const __m512i pl = BITS == 8 ? wv : _mm512_and_si512(_mm512_srli_epi32(wv, BITS * p), mask);
+#pragma GCC unroll 8
+                    for (int m = 0; m < MT; m++) {
+                        int32_t xv;
+                        memcpy(&xv, xr + (size_t)m * K + (size_t)q * CPW + 4 * p, 4);
+                        ai[m] = _mm512_dpbusd_epi32(ai[m], pl, _mm512_set1_epi32(xv));
+                    }
+                }
+            }
+            const __m512 sv = _mm512_loadu_ps(ts + g * TR), bv = _mm512_loadu_ps(tb + g * TR);
+#pragma GCC unroll 8
+            for (int m = 0; m < MT; m++) {
+                const float d = c->dx[(size_t)(m0 + m) * G + g], sx = c->xs[(size_t)(m0 + m) * G + g];
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[m]), _mm512_mul_ps(sv, _mm512_set1_ps(d)), acc[m]);
+                acc[m] = _mm512_fmadd_ps(bv, _mm512_set1_ps(sx), acc[m]);
+            }
+        }
+        for (int m = 0; m < MT && m0 + m < c->M; m++) _mm512_mask_storeu_ps(y + (size_t)(m0 + m) * ntot, keep, acc[m]);
+    }
+}
+
+static void i8_item(void *ctx, int item) {
+    i8job_t *c = (i8job_t *)ctx;
+    const job_t *j = c->j;
+    int seg = 0, per;
+    while (item >= (per = (j->n[seg] + TR - 1) / TR)) { item -= per; seg++; }
+    const int K = j->K, G = K / j->gs;
+    uint32_t *tw = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)TR * (K * j->bits / 32) + sizeof(float) * 2 * TR * G);
+    if (!tw) { atomic_store(&c->failed, 1); return; }
+    float *ts = (float *)(tw + (size_t)TR * (K * j->bits / 32)), *tb = ts + TR * G;
+    if (j->bits == 4) i8_tile(c, seg, item * TR, tw, ts, tb, 4);
+    else if (j->bits == 8) i8_tile(c, seg, item * TR, tw, ts, tb, 8);
+    else i8_tile(c, seg, item * TR, tw, ts, tb, 2);
+    free(tw);
+}
+
+#endif
+
+int qk_has_int8(void) {
+#ifdef QK_INT8
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* y (M x ntot, row-major) = x (M x K) @ [W_0; W_1; ...]^T like qk_matmul_stacked, on the int8 path: x is quantized
+ * to int8 per row and group. Returns 0, or < 0 as qk_matmul, -6 if this build has
+ * no int8 path (needs AVX-512 VNNI). */
+int qk_matmul_int8(const float *x, int M, int K, int nseg, const void *const *w, const float *const *s,
+                   const float *const *b, const int *n, int bits, int gs, float *y) {
+#ifndef QK_INT8
+    (void)x, (void)M, (void)K, (void)nseg, (void)w, (void)s, (void)b, (void)n, (void)bits, (void)gs, (void)y;
+    return -6;
+#else
+    job_t j;
+    int e = make_job(&j, K, nseg, w, s, b, n, bits, gs);
+    if (e) return e;
+    if (gs % 16 != 0) return -2;
+    const int G = K / gs, Mp = (M + MT - 1) / MT * MT;
+    int8_t *xq = (int8_t *)malloc((size_t)Mp * K + sizeof(float) * 2 * (size_t)Mp * G + 64);
+    if (!xq) return -4;
+    float *dx = (float *)(((uintptr_t)(xq + (size_t)Mp * K) + 63) & ~(uintptr_t)63), *xs = dx + (size_t)Mp * G;
+    memset(xq, 0, (size_t)Mp * K);
+    memset(dx, 0, sizeof(float) * 2 * (size_t)Mp * G);
+    i8job_t c = {.j = &j, .xq = xq, .dx = dx, .xs = xs, .M = M, .Mp = Mp, .y = y, .x = x};
+    parallel_for((M + QROWS - 1) / QROWS, quant_item, &c);
+    int items = 0;
+    for (int i = 0; i < nseg; i++) items += (n[i] + TR - 1) / TR;
+    parallel_for(items, i8_item, &c);
+    free(xq);
+    return atomic_load(&c.failed) ? -4 : 0;
+#endif
 }
