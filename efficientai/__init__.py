@@ -10,7 +10,7 @@ Modules:
 - `efficientai.lora.loss`: Next-token cross-entropy over the answer tokens, as mlx-lm computes it, but with the 49k-way output layer run only at the positions that enter the loss. Same number, a fraction of the work.
 - `efficientai.lora.search`: Random search over rank, alpha, learning rate and layers that stops when the clock says so, the Pareto front of quality against trainable parameters, and the smallest adapter that is good enough.
 - `efficientai.lora.train`: A compiled LoRA/DoRA/QLoRA/full training step on mlx-lm models, with gradient accumulation and checkpointing, warm-up schedules, validation, early stopping that keeps the best adapters, exact resume after a crash, a progress bar and a live loss plot.
-- `efficientai.quant.kernels`: MLX's CPU `quantized_matmul` runs on one thread at ~3 GFLOP/s, so a 4-bit model decodes slower than the float one it came from. Here are C kernels that read MLX's packed weights where they lie: a fused dequantize-dot for decoding, and for prompts integer dot products on x rounded to int8 (AVX-512 VNNI) or dequantize-then-BLAS, built on first use, checked against MLX and swapped into any mlx-lm model."""
+- `efficientai.quant.kernels`: MLX's CPU `quantized_matmul` runs on one thread at ~3 GFLOP/s, so a 4-bit model decodes slower than the float one it came from. Here are C kernels that read MLX's packed weights where they lie: a fused dequantize-dot for decoding, and for prompts integer dot products on x rounded to int8 (AVX-512 VNNI or AVX2) or dequantize-then-BLAS, built on first use, checked against MLX and swapped into any mlx-lm model."""
 
 __version__ = "0.1.0"
 

@@ -12,8 +12,10 @@
  *   A "chunk" is VL bytes of a row (VL = 16 lanes with AVX-512, 8 otherwise). Widening its bytes to VL int32
  *   lanes and shifting/masking gives P = 8/bits vectors of codes: vector j holds codes i*P + j, i < VL.
  *   Instead of interleaving the codes back into order, x is permuted once per call into the same order.
- * Large M (prompt processing): dequantize a block of rows to float32 (threaded), then one sgemm from the
- *   BLAS the caller hands us (cblas_sgemm), block after block, so the float32 copy stays in cache.
+ * Large M (prompt processing), int8: x rounded to int8 per row and group, integer dot products with the codes
+ *   (AVX-512 VNNI, AVX-VNNI or AVX2; see the int8 section below).
+ * Large M, float: dequantize a block of rows to float32 (threaded), then one sgemm from the BLAS the caller hands
+ *   us (cblas_sgemm), block after block, so the float32 copy stays in cache.
  *
  * Vectors are GCC/Clang vector extensions: with -march=native they compile to AVX-512 or AVX2 (or NEON on
  * arm64), no intrinsics needed. Build: cc -O3 -march=native -shared -fPIC -pthread.
@@ -27,6 +29,7 @@
 #include <stdlib.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <math.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -460,7 +463,7 @@ int qk_matmul_stacked(const float *x, int M, int K, int nseg, const void *const 
     return 0;
 }
 
-/* ---------------------------------------------------------------- int8 prompt path (AVX-512 VNNI)
+/* ---------------------------------------------------------------- int8 prompt path (AVX-512 VNNI, AVX-VNNI, AVX2)
  * Prompt-sized M without dequantizing: x is quantized per row and group to int8 (scale dx = max|x| / 127), and
  * each group's dot of codes with x is an integer dot product:
  *   sum_k x_k (s q_k + b) ~= dx sum_k xq_k (s q_k + b) = s dx sum_k q_k xq_k + b dx sum_k xq_k.
@@ -470,11 +473,63 @@ int qk_matmul_stacked(const float *x, int M, int K, int nseg, const void *const 
  * products per instruction, 4x an fp32 FMA. A tile is 16 output rows, one per int32 lane: word q of each of the
  * 16 rows is gathered into one vector (MLX's packing kept: plane p of a word, (w >> bits*p) & mask per byte,
  * holds codes i*P + p, i < 4), and 4 bytes of x in the same order are broadcast to every lane. Tiles are
- * repacked per call from MLX's arrays, so nothing but MLX's weights is kept in memory. */
+ * repacked per call from MLX's arrays, so nothing but MLX's weights is kept in memory. 256-bit builds (AVX-VNNI, or
+ * AVX2's VPMADDUBSW + VPMADDWD, whose int16 pair sums overflow on 8-bit codes) use tiles of 8 rows. */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
-#define QK_INT8 1
+#define QK_INT8 512 /* the vector width: 512 (AVX-512 VNNI) or 256 (AVX-VNNI, or AVX2's maddubs/madd) */
 #define TR 16 /* output rows per tile (int32 lanes) */
 #define MT 8  /* rows of x per register block */
+typedef __m512i VI;
+typedef __m512 VF;
+#define I8_DOT(acc, w, x) _mm512_dpbusd_epi32(acc, w, x)
+#define I8_ZEROI _mm512_setzero_si512()
+#define I8_ZEROF _mm512_setzero_ps()
+#define I8_LOADI(p) _mm512_loadu_si512((const void *)(p))
+#define I8_SET1I _mm512_set1_epi32
+#define I8_SET1B _mm512_set1_epi8
+#define I8_SRLI _mm512_srli_epi32
+#define I8_AND _mm512_and_si512
+#define I8_LOADF _mm512_loadu_ps
+#define I8_SET1F _mm512_set1_ps
+#define I8_FMA _mm512_fmadd_ps
+#define I8_MUL _mm512_mul_ps
+#define I8_CVT _mm512_cvtepi32_ps
+#define I8_STORE(y, v, nr) _mm512_mask_storeu_ps(y, (__mmask16)((1u << (nr)) - 1), v)
+#define I8_BITS8 1 /* 8-bit codes: u8 x s8 never overflows the int32 lanes */
+#elif defined(__AVX2__) && defined(__FMA__)
+#define QK_INT8 256
+#define TR 8
+#define MT 4 /* 16 vector registers: 4 int + 4 float accumulators, the codes and x */
+typedef __m256i VI;
+typedef __m256 VF;
+#if defined(__AVXVNNI__)
+#define I8_DOT(acc, w, x) _mm256_dpbusd_avx_epi32(acc, w, x)
+#define I8_BITS8 1
+#else /* no VNNI: pairs of u8 x s8 summed to int16 (saturating: fine for codes < 16, not for 8-bit), then to int32 */
+#define I8_DOT(acc, w, x) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)))
+#define I8_BITS8 0
+#endif
+#define I8_ZEROI _mm256_setzero_si256()
+#define I8_ZEROF _mm256_setzero_ps()
+#define I8_LOADI(p) _mm256_loadu_si256((const __m256i *)(p))
+#define I8_SET1I _mm256_set1_epi32
+#define I8_SET1B _mm256_set1_epi8
+#define I8_SRLI _mm256_srli_epi32
+#define I8_AND _mm256_and_si256
+#define I8_LOADF _mm256_loadu_ps
+#define I8_SET1F _mm256_set1_ps
+#define I8_FMA _mm256_fmadd_ps
+#define I8_MUL _mm256_mul_ps
+#define I8_CVT _mm256_cvtepi32_ps
+static inline void I8_STORE(float *y, __m256 v, int nr) {
+    if (nr == 8) { _mm256_storeu_ps(y, v); return; }
+    float t[8];
+    _mm256_storeu_ps(t, v);
+    memcpy(y, t, sizeof(float) * nr);
+}
+#endif
+
+#ifdef QK_INT8
 
 typedef struct {
     const job_t *j;
@@ -490,6 +545,7 @@ typedef struct {
  * and their sum; 16 values at a time, each 16-byte chunk shuffled into the planes' order (codes i*P + p of a
  * word at byte 4p + i; a word holds 4P codes, 4P <= 16, so chunks never straddle words). */
 #define QROWS 4
+#if QK_INT8 == 512
 static void quant_item(void *ctx, int item) {
     i8job_t *c = (i8job_t *)ctx;
     const job_t *j = c->j;
@@ -522,6 +578,42 @@ static void quant_item(void *ctx, int item) {
         }
     }
 }
+#else
+static void quant_item(void *ctx, int item) {
+    i8job_t *c = (i8job_t *)ctx;
+    const job_t *j = c->j;
+    const int K = j->K, gs = j->gs, G = K / gs, P = 8 / j->bits;
+    int perm[16];
+    for (int t = 0; t < 16; t++) {
+        const int w = t / (4 * P) * (4 * P), bt = t - w, p = bt / 4, i = bt % 4;
+        perm[t] = w + i * P + p;
+    }
+    int8_t *xq = (int8_t *)c->xq;
+    float *dx = (float *)c->dx, *xs = (float *)c->xs;
+    for (int m = item * QROWS; m < (item + 1) * QROWS && m < c->M; m++) {
+        const float *xm = c->x + (size_t)m * K;
+        for (int g = 0; g < G; g++) {
+            const float *xg = xm + (size_t)g * gs;
+            float am = 0.f;
+            for (int k = 0; k < gs; k++) am = fabsf(xg[k]) > am ? fabsf(xg[k]) : am;
+            const float inv = am > 0 ? 127.f / am : 0.f;
+            const __m256 iv = _mm256_set1_ps(inv);
+            int isum = 0;
+            for (int k = 0; k < gs; k += 16) {
+                int32_t v[16]; /* x * inv rounded to nearest even, as the AVX-512 version (no fused multiply-add) */
+                _mm256_storeu_si256((__m256i *)v, _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + k), iv)));
+                _mm256_storeu_si256((__m256i *)(v + 8), _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + k + 8), iv)));
+                for (int t = 0; t < 16; t++) {
+                    isum += v[t];
+                    xq[(size_t)m * K + (size_t)g * gs + k + t] = (int8_t)v[perm[t]];
+                }
+            }
+            const float d = am / 127.f;
+            dx[(size_t)m * G + g] = d, xs[(size_t)m * G + g] = d * (float)isum;
+        }
+    }
+}
+#endif
 
 static inline __attribute__((always_inline)) void i8_tile(const i8job_t *c, int seg, int n0, uint32_t *tw, float *ts,
                                                           float *tb, const int BITS) {
@@ -538,37 +630,36 @@ static inline __attribute__((always_inline)) void i8_tile(const i8job_t *c, int 
             ts[g * TR + r] = r < nr ? s[(size_t)r * G + g] : 0.f;
             tb[g * TR + r] = r < nr ? b[(size_t)r * G + g] : 0.f;
         }
-    const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
-    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
+    const VI mask = I8_SET1B((char)((1 << BITS) - 1));
     float *y = c->y + j->off[seg] + n0;
     for (int m0 = 0; m0 < c->Mp; m0 += MT) {
-        __m512 acc[MT];
-        for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();
+        VF acc[MT];
+        for (int m = 0; m < MT; m++) acc[m] = I8_ZEROF;
         const int8_t *xr = c->xq + (size_t)m0 * K;
         for (int g = 0; g < G; g++) {
-            __m512i ai[MT];
-            for (int m = 0; m < MT; m++) ai[m] = _mm512_setzero_si512();
+            VI ai[MT];
+            for (int m = 0; m < MT; m++) ai[m] = I8_ZEROI;
             for (int q = g * WPG; q < (g + 1) * WPG; q++) {
-                const __m512i wv = _mm512_loadu_si512((const void *)(tw + (size_t)q * TR));
+                const VI wv = I8_LOADI(tw + (size_t)q * TR);
                 for (int p = 0; p < P; p++) {
-                    const __m512i pl = BITS == 8 ? wv : _mm512_and_si512(_mm512_srli_epi32(wv, BITS * p), mask);
+                    const VI pl = BITS == 8 ? wv : I8_AND(I8_SRLI(wv, BITS * p), mask);
 #pragma GCC unroll 8
                     for (int m = 0; m < MT; m++) {
                         int32_t xv;
                         memcpy(&xv, xr + (size_t)m * K + (size_t)q * CPW + 4 * p, 4);
-                        ai[m] = _mm512_dpbusd_epi32(ai[m], pl, _mm512_set1_epi32(xv));
+                        ai[m] = I8_DOT(ai[m], pl, I8_SET1I(xv));
                     }
                 }
             }
-            const __m512 sv = _mm512_loadu_ps(ts + g * TR), bv = _mm512_loadu_ps(tb + g * TR);
+            const VF sv = I8_LOADF(ts + g * TR), bv = I8_LOADF(tb + g * TR);
 #pragma GCC unroll 8
             for (int m = 0; m < MT; m++) {
                 const float d = c->dx[(size_t)(m0 + m) * G + g], sx = c->xs[(size_t)(m0 + m) * G + g];
-                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[m]), _mm512_mul_ps(sv, _mm512_set1_ps(d)), acc[m]);
-                acc[m] = _mm512_fmadd_ps(bv, _mm512_set1_ps(sx), acc[m]);
+                acc[m] = I8_FMA(I8_CVT(ai[m]), I8_MUL(sv, I8_SET1F(d)), acc[m]);
+                acc[m] = I8_FMA(bv, I8_SET1F(sx), acc[m]);
             }
         }
-        for (int m = 0; m < MT && m0 + m < c->M; m++) _mm512_mask_storeu_ps(y + (size_t)(m0 + m) * ntot, keep, acc[m]);
+        for (int m = 0; m < MT && m0 + m < c->M; m++) I8_STORE(y + (size_t)(m0 + m) * ntot, acc[m], nr);
     }
 }
 
@@ -589,17 +680,28 @@ static void i8_item(void *ctx, int item) {
 
 #endif
 
+/* The int8 path's vector width in bits (512: AVX-512 VNNI; 256: AVX-VNNI or AVX2), or 0 if this build has none. */
 int qk_has_int8(void) {
 #ifdef QK_INT8
-    return 1;
+    return QK_INT8;
 #else
+    return 0;
+#endif
+}
+
+/* 1 if the int8 path runs this layout (groups of a multiple of 16; 8-bit codes need VNNI), else 0. */
+int qk_int8_supported(int bits, int gs) {
+#ifdef QK_INT8
+    return gs % 16 == 0 && (bits != 8 || I8_BITS8) && (bits == 2 || bits == 4 || bits == 8);
+#else
+    (void)bits, (void)gs;
     return 0;
 #endif
 }
 
 /* y (M x ntot, row-major) = x (M x K) @ [W_0; W_1; ...]^T like qk_matmul_stacked, on the int8 path: x is quantized
  * to int8 per row and group. Returns 0, or < 0 as qk_matmul, -6 if this build has
- * no int8 path (needs AVX-512 VNNI). */
+ * no int8 path (needs AVX2). */
 int qk_matmul_int8(const float *x, int M, int K, int nseg, const void *const *w, const float *const *s,
                    const float *const *b, const int *n, int bits, int gs, float *y) {
 #ifndef QK_INT8
@@ -609,7 +711,7 @@ int qk_matmul_int8(const float *x, int M, int K, int nseg, const void *const *w,
     job_t j;
     int e = make_job(&j, K, nseg, w, s, b, n, bits, gs);
     if (e) return e;
-    if (gs % 16 != 0) return -2;
+    if (gs % 16 != 0 || (bits == 8 && !I8_BITS8)) return -2;
     const int G = K / gs, Mp = (M + MT - 1) / MT * MT;
     int8_t *xq = (int8_t *)malloc((size_t)Mp * K + sizeof(float) * 2 * (size_t)Mp * G + 64);
     if (!xq) return -4;
