@@ -22,18 +22,9 @@ from ..quant.kernels import fast_quantized, prompt_path
 from ..plotting import style, PALETTE, BASELINE_COLOR
 
 # %% auto #0
-__all__ = ['nonzero_count', 'family', 'mlx_latency_ms', 'measure', 'compare', 'quality_column', 'figure']
+__all__ = ['family', 'mlx_latency_ms', 'measure', 'compare', 'quality_column', 'figure']
 
 # %% ../../nbs/30_compression/05_deploy.ipynb #c0800622
-def nonzero_count(model: nn.Module) -> int:
-    "Weights that are not exactly zero (quantized layers count as dense): what unstructured pruning reduces."
-    n = 0
-    for _, m in model.named_modules():
-        for k, v in m.parameters().items():
-            if not isinstance(v, mx.array) or k in ("scales", "biases") and hasattr(m, "bits"): continue
-            n += v.size * 32 // m.bits if (k == "weight" and hasattr(m, "bits")) else int((v != 0).sum().item())
-    return n
-
 def family(model: nn.Module) -> str:
     "'llm' for mlx-lm llama models, 'vision' for the toolkit's MLP and CNN (what the exporter handles)."
     return "llm" if model_kind(model) == "llama" else "vision"
@@ -60,7 +51,7 @@ def _measure(name, model, quality, inputs, quality_name, onnx, repeat, extra) ->
     fam = family(model)
     qname = quality_name or ("perplexity" if fam == "llm" else "accuracy")
     model.eval()
-    row = {"variant": name, **extra, "params": parameter_count(model), "nonzero": nonzero_count(model),
+    row = {"variant": name, **extra, "params": parameter_count(model), "nonzero": parameter_count(model, nonzero=True),
            "bits_per_weight": bits_per_weight(model), "disk_mb": disk_mb(model), qname: float(quality(model))}
     if not onnx:
         return {**row, "mlx_ms": mlx_latency_ms(model, inputs, repeat)}

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError, ModelLoadingError
 from ..io import atomic_dir
-from ..quant.ptq import clone, is_quantized, require_float
+from ..quant.ptq import clone, is_quantized, require_float, quantization_block
 
 # %% auto #0
 __all__ = ['HEADS', 'METHODS', 'LowRankLinear', 'Spectrum', 'spectrum', 'svd_factorize', 'rank_for_energy', 'break_even_rank',
@@ -353,15 +353,6 @@ def _tiny_kind(model: nn.Module) -> str | None:
     from efficientai.zoo.tiny import CNN, MLP
     return "mlp" if isinstance(model, MLP) else "cnn" if isinstance(model, CNN) else None
 
-def _quantization_block(model: nn.Module) -> dict | None:
-    "mlx-lm's `quantization` entry for a quantized model: the most common layer format (mlx-lm infers the others)."
-    import collections
-    fmts = collections.Counter((m.group_size, m.bits, getattr(m, "mode", "affine")) for _, m in model.named_modules()
-                               if hasattr(m, "scales") and hasattr(m, "bits"))
-    if not fmts: return None
-    g, b, mode = fmts.most_common(1)[0][0]
-    return {"group_size": g, "bits": b, "mode": mode}
-
 def save_lowrank(model: nn.Module, tokenizer, folder: Path | str, *, config: dict | None = None) -> Path:
     """Write a factorized model to `folder` atomically. mlx-lm models: the mlx-lm layout, `config` (default: the model's
     `args`) plus `low_rank` {path: rank}, and the tokenizer's files when given. The toolkit's MLP/CNN: weights + config."""
@@ -380,7 +371,7 @@ def save_lowrank(model: nn.Module, tokenizer, folder: Path | str, *, config: dic
         return folder
     from mlx_lm.utils import save_config, save_model
     cfg = dict(config) if config is not None else {k: v for k, v in dataclasses.asdict(model.args).items() if v is not None}
-    if is_quantized(model) and "quantization" not in cfg: cfg["quantization"] = _quantization_block(model)
+    if is_quantized(model) and "quantization" not in cfg: cfg["quantization"] = quantization_block(model)
     cfg["low_rank"] = ranks
     with atomic_dir(folder) as tmp:
         save_model(tmp, model, donate_model=False)

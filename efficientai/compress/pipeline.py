@@ -21,6 +21,7 @@ from ..io import atomic_dir, atomic_write_json
 from .train import (fit, lm_batches, lm_loss, classifier_batches, classifier_loss, evaluate_lm,
                                         evaluate_classifier)
 from .deploy import measure, compare, family
+from ..quant.ptq import quantization_block
 
 # %% auto #0
 __all__ = ['STAGES', 'TRAINING', 'LLM_ONLY', 'CLASSIFIER_FORMAT', 'Stage', 'check_stage', 'parse_pipeline', 'Task', 'lm_task',
@@ -265,10 +266,6 @@ def run_pipeline(model: nn.Module, stages: list[Stage] | str, task: Task, *, out
 # %% ../../nbs/30_compression/06_pipeline.ipynb #6637f56c
 CLASSIFIER_FORMAT = "efficientai-classifier"
 
-def _quantization(model: nn.Module) -> dict | None:
-    from efficientai.compress.lowrank import _quantization_block
-    return _quantization_block(model)
-
 def _low_rank(model: nn.Module) -> dict[str, int]:
     from efficientai.compress.lowrank import low_rank_layers
     return low_rank_layers(model)
@@ -282,7 +279,7 @@ def save_classifier(model: nn.Module, folder: Path | str) -> Path:
     with atomic_dir(folder) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
         atomic_write_json(tmp / "config.json", {"format": CLASSIFIER_FORMAT, "kind": "cnn" if isinstance(model, CNN) else "mlp",
-                                                "config": asdict(model.config), "quantization": _quantization(model),
+                                                "config": asdict(model.config), "quantization": quantization_block(model),
                                                 "low_rank": _low_rank(model)})
     return folder
 
@@ -321,6 +318,6 @@ def save_model(model: nn.Module, folder: Path | str, tokenizer=None) -> Path:
         from efficientai.compress.lowrank import save_lowrank
         return save_lowrank(model, tokenizer, folder)
     from efficientai.compress.structured import save_pruned, lm_config
-    cfg, q = lm_config(model), _quantization(model)           # the model's own args: sizes after pruning or layer drops
+    cfg, q = lm_config(model), quantization_block(model)           # the model's own args: sizes after pruning or layer drops
     if q: cfg["quantization"] = q
     return save_pruned(model, tokenizer, folder, config=cfg)

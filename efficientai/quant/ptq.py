@@ -7,7 +7,7 @@ Docs: https://efficientai.github.io/efficientai/20_quantization/ptq.html.md"""
 # %% ../../nbs/20_quantization/00_ptq.ipynb #26eac699
 from __future__ import annotations
 import efficientai  # first: loads fast BLAS
-import copy, io, json, contextlib
+import collections, copy, io, json, contextlib
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Callable
@@ -19,7 +19,8 @@ from ..io import atomic_dir
 
 # %% auto #0
 __all__ = ['MODES', 'QuantSpec', 'parse_spec', 'qdq', 'quantizable', 'is_quantized', 'require_float', 'quantize', 'clone',
-           'quantize_copy', 'weight_bytes', 'parameter_count', 'bits_per_weight', 'save_quantized', 'folder_mb']
+           'quantize_copy', 'weight_bytes', 'parameter_count', 'quantization_block', 'bits_per_weight',
+           'save_quantized', 'folder_mb']
 
 # %% ../../nbs/20_quantization/00_ptq.ipynb #75e87e20
 MODES: dict[str, dict] = {
@@ -150,14 +151,24 @@ def weight_bytes(model: nn.Module) -> int:
     "Bytes of all arrays in `model` (codes, scales, biases, norms)."
     return tree_reduce(lambda acc, x: acc + x.nbytes if isinstance(x, mx.array) else acc, model.parameters(), 0)
 
-def parameter_count(model: nn.Module) -> int:
-    "Number of weights the float model has (quantized codes unpacked)."
+def parameter_count(model: nn.Module, *, nonzero: bool = False) -> int:
+    """Number of weights the float model has (quantized codes unpacked). `nonzero`: only those not exactly zero
+    (quantized layers count as dense), what unstructured pruning reduces."""
     n = 0
     for _, m in model.named_modules():
         for k, v in m.parameters().items():
             if not isinstance(v, mx.array) or k in ("scales", "biases") and hasattr(m, "bits"): continue
-            n += v.size * 32 // m.bits if (k == "weight" and hasattr(m, "bits")) else v.size
+            if k == "weight" and hasattr(m, "bits"): n += v.size * 32 // m.bits
+            else: n += int((v != 0).sum().item()) if nonzero else v.size
     return n
+
+def quantization_block(model: nn.Module) -> dict | None:
+    "mlx-lm's `quantization` config entry for a quantized model (its most common layer format), None for a float one."
+    fmts = collections.Counter((m.group_size, m.bits, getattr(m, "mode", "affine")) for _, m in model.named_modules()
+                               if hasattr(m, "scales") and hasattr(m, "bits"))
+    if not fmts: return None
+    g, b, mode = fmts.most_common(1)[0][0]
+    return {"group_size": g, "bits": b, "mode": mode}
 
 def bits_per_weight(model: nn.Module) -> float:
     "Bits stored per weight of `model`, group metadata included."
