@@ -199,6 +199,9 @@ static inline __attribute__((always_inline)) vf chunk_scale(const float *sr, int
 }
 
 static inline float hsum(vf v) {
+#if VL == 16
+    return _mm512_reduce_add_ps((__m512)v);
+#endif
     float a[VL];
     memcpy(a, &v, sizeof v);
     for (int w = VL / 2; w >= 1; w /= 2)
@@ -232,9 +235,12 @@ static inline __attribute__((always_inline)) void gemv_rows(const job_t *j, cons
         const float *sr = s + (size_t)n * G, *br = b + (size_t)n * G;
         vf acc0[8], acc1[8];
         float r[8];
-        for (int m = 0; m < MM; m++) { acc0[m] = acc1[m] = (vf){0}; r[m] = 0.f; }
-        for (int g = 0; g < G; g++)
-            for (int m = 0; m < MM; m++) r[m] += br[g] * j->xs[m * G + g];
+        for (int m = 0; m < MM; m++) { /* bias term: four partial sums, so the adds don't wait on each other */
+            acc0[m] = acc1[m] = (vf){0};
+            float r4[4] = {0.f, 0.f, 0.f, 0.f};
+            for (int g = 0; g < G; g++) r4[g & 3] += br[g] * j->xs[m * G + g];
+            r[m] = (r4[0] + r4[1]) + (r4[2] + r4[3]);
+        }
 #define CHUNK(c, ACC)                                                                  \
     {                                                                                  \
         vi wv = load_chunk(wr + (size_t)(c) * VL);                                     \
