@@ -189,13 +189,19 @@ static inline __attribute__((always_inline)) vf codes(vi w, int j, const int BIT
 
 /* Scale of each lane of chunk c: one group per chunk, or two (2-bit codes with AVX-512: a chunk of 64 codes
  * spans two groups of 32; lanes i < VL/2 hold codes of the first). qk_supported rules out anything else. */
-static inline __attribute__((always_inline)) vf chunk_scale(const float *sr, int c, int gs, const int BITS) {
+static inline __attribute__((always_inline)) vf chunk_scale(const float *sr, int c, int gs, int gshift, const int BITS) {
     const int CV = VL * (8 / BITS);
-    if (CV <= gs) return splat(sr[c * CV / gs]);
+    if (CV <= gs) return splat(sr[gshift >= 0 ? c >> gshift : c * CV / gs]); /* a shift, not a division, per chunk */
     vi lane;
     for (int i = 0; i < VL; i++) lane[i] = i;
     vi first = lane < VL / 2;
     return (vf)(((vi)splat(sr[2 * c]) & first) | ((vi)splat(sr[2 * c + 1]) & ~first));
+}
+
+/* log2(gs / CV) when that is a power of two (chunks per group), else -1. */
+static inline int group_shift(int gs, int CV) {
+    const int r = gs / CV;
+    return gs >= CV && (r & (r - 1)) == 0 ? __builtin_ctz(r) : -1;
 }
 
 static inline float hsum(vf v) {
@@ -228,7 +234,7 @@ typedef struct {
 static inline __attribute__((always_inline)) void gemv_rows(const job_t *j, const uint8_t *w, const float *s,
                                                             const float *b, float *y, int ldy, int n0, int n1,
                                                             const int BITS, const int MM) {
-    const int P = 8 / BITS, CV = VL * P, K = j->K, gs = j->gs, G = K / gs, nch = K / CV;
+    const int P = 8 / BITS, CV = VL * P, K = j->K, gs = j->gs, G = K / gs, nch = K / CV, gshift = group_shift(gs, CV);
     const size_t rowbytes = (size_t)K * BITS / 8;
     for (int n = n0; n < n1; n++) {
         const uint8_t *wr = w + n * rowbytes;
@@ -244,7 +250,7 @@ static inline __attribute__((always_inline)) void gemv_rows(const job_t *j, cons
 #define CHUNK(c, ACC)                                                                  \
     {                                                                                  \
         vi wv = load_chunk(wr + (size_t)(c) * VL);                                     \
-        vf sv = chunk_scale(sr, c, gs, BITS);                                          \
+        vf sv = chunk_scale(sr, c, gs, gshift, BITS);                                  \
         vf q[4];                                                                       \
         for (int jj = 0; jj < P; jj++) q[jj] = codes(wv, jj, BITS);                    \
         for (int m = 0; m < MM; m++) {                                                 \
@@ -302,7 +308,7 @@ static const vi IHI = {4, 12, 5, 13, 6, 14, 7, 15};
 static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *w, const float *s, const float *b,
                                                                int K, int gs, float *out, int n0, int n1,
                                                                const int BITS) {
-    const int P = 8 / BITS, CV = VL * P, G = K / gs, nch = K / CV;
+    const int P = 8 / BITS, CV = VL * P, G = K / gs, nch = K / CV, gshift = group_shift(gs, CV);
     const size_t rowbytes = (size_t)K * BITS / 8;
     for (int n = n0; n < n1; n++) {
         const uint8_t *wr = w + n * rowbytes;
@@ -310,7 +316,7 @@ static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *w,
         float *o = out + (size_t)(n - n0) * K;
         for (int c = 0; c < nch; c++) {
             vi wv = load_chunk(wr + (size_t)c * VL);
-            vf sv = chunk_scale(sr, c, gs, BITS), bv = chunk_scale(br, c, gs, BITS);
+            vf sv = chunk_scale(sr, c, gs, gshift, BITS), bv = chunk_scale(br, c, gs, gshift, BITS);
             vf q[4];
             for (int jj = 0; jj < P; jj++) q[jj] = codes(wv, jj, BITS) * sv + bv;
             float *oc = o + (size_t)c * CV;
