@@ -137,7 +137,6 @@ class Kernels:
             lib.qk_set_sgemm(ctypes.cast(ctypes.CDLL(str(blas)).cblas_sgemm, _P))
         self.has_sgemm = bool(blas) and lib.qk_has_sgemm() == 1
         self.int8_width = lib.qk_has_int8()        # 512: AVX-512 VNNI, 256: AVX-VNNI or AVX2, 0: no int8 path
-        self.has_int8 = self.int8_width > 0
         self.prompt = self.available_prompt_paths()[0]
         self.small_m = 16         # up to this many rows of x: fused GEMV (8 at a time); more: the `prompt` path
         self.block_bytes = 8 << 20  # float32 scratch per sgemm block: a stacked gate/up of a small model fits
@@ -147,6 +146,9 @@ class Kernels:
     def __repr__(self) -> str:
         return (f"Kernels({self.path.name}, {self.threads} threads, {self.lanes}-lane vectors, prompts: {self.prompt}; "
                 f"sgemm {'from ' + self.blas if self.has_sgemm else 'missing'}, int8 {f'{self.int8_width}-bit' if self.has_int8 else 'no (needs AVX2)'})")
+
+    @property
+    def has_int8(self) -> bool: return self.int8_width > 0
 
     def available_prompt_paths(self) -> list[str]:
         "The prompt paths this build can run, fastest first."
@@ -181,16 +183,16 @@ class Kernels:
         m, k = x.shape
         p0 = stack.parts[0]
         block = max(256, self.block_bytes // (4 * k))
-        int8 = self.prompt == "int8" and self.int8_supported(p0.bits, p0.group_size)
-        small_m = m if not int8 and not self.has_sgemm else self.small_m   # no BLAS: the GEMV, 8 rows at a time
-        if m > small_m: return self._stacked(x, stack, block, int8)
+        if m > self.small_m:
+            int8 = self.prompt == "int8" and self.int8_supported(p0.bits, p0.group_size)
+            if int8 or self.has_sgemm: return self._stacked(x, stack, block, int8)
+        small_m = max(m, self.small_m)       # here every row count takes the GEMV (no BLAS: 8 rows at a time)
         with self._lock:       # the outputs go to a reused buffer (fresh ones cost page faults), copied out under the lock
             if self._out.size < m * stack.n: self._out = np.empty(m * stack.n, np.float32)
             ys, start = [], 0
             for p in stack.parts:
                 ys.append(self._out[start:start + m * p.n].reshape(m, p.n)); start += m * p.n
             if m == 0: return [mx.array(y) for y in ys]
-            if m > small_m and self._scratch.size < block * k: self._scratch = np.empty(block * k, np.float32)
             yp = (_P * len(ys))(*[y.ctypes.data for y in ys])
             rc = self.lib.qk_matmul(x.ctypes.data, m, k, len(stack.parts), *stack.ptrs, p0.bits, p0.group_size,
                                     ctypes.cast(yp, _P), self._scratch.ctypes.data, block, small_m)

@@ -558,6 +558,43 @@ typedef struct {
  * word at byte 4p + i; a word holds 4P codes, 4P <= 16, so chunks never straddle words). */
 #define QROWS 4
 #if QK_INT8 == 512
+/* One group of x (gs values, a multiple of 16) to int8 codes in q, chunk by chunk shuffled by shuf; its scale is
+ * returned and the sum of its codes stored in *isum. */
+static inline float quant_group(const float *xg, int gs, int8_t *q, const int8_t perm[16], int *isum) {
+    const __m128i shuf = _mm_loadu_si128((const __m128i *)perm);
+    __m512 amax = _mm512_setzero_ps();
+    for (int k = 0; k < gs; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
+    const float am = _mm512_reduce_max_ps(amax);
+    const __m512 inv = _mm512_set1_ps(am > 0 ? 127.f / am : 0.f);
+    __m512i sum = _mm512_setzero_si512();
+    for (int k = 0; k < gs; k += 16) {
+        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + k), inv));
+        sum = _mm512_add_epi32(sum, v);
+        _mm_storeu_si128((__m128i *)(q + k), _mm_shuffle_epi8(_mm512_cvtsepi32_epi8(v), shuf));
+    }
+    *isum = _mm512_reduce_add_epi32(sum);
+    return am / 127.f;
+}
+#else
+static inline float quant_group(const float *xg, int gs, int8_t *q, const int8_t perm[16], int *isum) {
+    float am = 0.f;
+    for (int k = 0; k < gs; k++) am = fabsf(xg[k]) > am ? fabsf(xg[k]) : am;
+    const __m256 iv = _mm256_set1_ps(am > 0 ? 127.f / am : 0.f);
+    int sum = 0;
+    for (int k = 0; k < gs; k += 16) {
+        int32_t v[16]; /* x * inv rounded to nearest even, as the AVX-512 version (no fused multiply-add) */
+        _mm256_storeu_si256((__m256i *)v, _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + k), iv)));
+        _mm256_storeu_si256((__m256i *)(v + 8), _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + k + 8), iv)));
+        for (int t = 0; t < 16; t++) {
+            sum += v[t];
+            q[k + t] = (int8_t)v[(int)perm[t]];
+        }
+    }
+    *isum = sum;
+    return am / 127.f;
+}
+#endif
+
 static void quant_item(void *ctx, int item) {
     i8job_t *c = (i8job_t *)ctx;
     const job_t *j = c->j;
@@ -567,65 +604,16 @@ static void quant_item(void *ctx, int item) {
         const int w = t / (4 * P) * (4 * P), bt = t - w, p = bt / 4, i = bt % 4;
         perm[t] = (int8_t)(w + i * P + p);
     }
-    const __m128i shuf = _mm_loadu_si128((const __m128i *)perm);
     int8_t *xq = (int8_t *)c->xq;
     float *dx = (float *)c->dx, *xs = (float *)c->xs;
-    for (int m = item * QROWS; m < (item + 1) * QROWS && m < c->M; m++) {
-        const float *xm = c->x + (size_t)m * K;
+    for (int m = item * QROWS; m < (item + 1) * QROWS && m < c->M; m++)
         for (int g = 0; g < G; g++) {
-            const float *xg = xm + (size_t)g * gs;
-            __m512 amax = _mm512_setzero_ps();
-            for (int k = 0; k < gs; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
-            const float am = _mm512_reduce_max_ps(amax);
-            const __m512 inv = _mm512_set1_ps(am > 0 ? 127.f / am : 0.f);
-            __m512i isum = _mm512_setzero_si512();
-            for (int k = 0; k < gs; k += 16) {
-                const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + k), inv));
-                isum = _mm512_add_epi32(isum, v);
-                _mm_storeu_si128((__m128i *)(xq + (size_t)m * K + (size_t)g * gs + k),
-                                 _mm_shuffle_epi8(_mm512_cvtsepi32_epi8(v), shuf));
-            }
-            const float d = am / 127.f;
-            dx[(size_t)m * G + g] = d, xs[(size_t)m * G + g] = d * (float)_mm512_reduce_add_epi32(isum);
-        }
-    }
-}
-#else
-static void quant_item(void *ctx, int item) {
-    i8job_t *c = (i8job_t *)ctx;
-    const job_t *j = c->j;
-    const int K = j->K, gs = j->gs, G = K / gs, P = 8 / j->bits;
-    int perm[16];
-    for (int t = 0; t < 16; t++) {
-        const int w = t / (4 * P) * (4 * P), bt = t - w, p = bt / 4, i = bt % 4;
-        perm[t] = w + i * P + p;
-    }
-    int8_t *xq = (int8_t *)c->xq;
-    float *dx = (float *)c->dx, *xs = (float *)c->xs;
-    for (int m = item * QROWS; m < (item + 1) * QROWS && m < c->M; m++) {
-        const float *xm = c->x + (size_t)m * K;
-        for (int g = 0; g < G; g++) {
-            const float *xg = xm + (size_t)g * gs;
-            float am = 0.f;
-            for (int k = 0; k < gs; k++) am = fabsf(xg[k]) > am ? fabsf(xg[k]) : am;
-            const float inv = am > 0 ? 127.f / am : 0.f;
-            const __m256 iv = _mm256_set1_ps(inv);
-            int isum = 0;
-            for (int k = 0; k < gs; k += 16) {
-                int32_t v[16]; /* x * inv rounded to nearest even, as the AVX-512 version (no fused multiply-add) */
-                _mm256_storeu_si256((__m256i *)v, _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + k), iv)));
-                _mm256_storeu_si256((__m256i *)(v + 8), _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + k + 8), iv)));
-                for (int t = 0; t < 16; t++) {
-                    isum += v[t];
-                    xq[(size_t)m * K + (size_t)g * gs + k + t] = (int8_t)v[perm[t]];
-                }
-            }
-            const float d = am / 127.f;
+            int isum;
+            const float d = quant_group(c->x + (size_t)m * K + (size_t)g * gs, gs, xq + (size_t)m * K + (size_t)g * gs,
+                                        perm, &isum);
             dx[(size_t)m * G + g] = d, xs[(size_t)m * G + g] = d * (float)isum;
         }
-    }
 }
-#endif
 
 static inline __attribute__((always_inline)) void i8_tile(const i8job_t *c, int seg, int n0, uint32_t *tw, float *ts,
                                                           float *tb, const int BITS) {
@@ -723,13 +711,14 @@ int qk_matmul_int8(const float *x, int M, int K, int nseg, const void *const *w,
     job_t j;
     int e = make_job(&j, K, nseg, w, s, b, n, bits, gs);
     if (e) return e;
-    if (gs % 16 != 0 || (bits == 8 && !I8_BITS8)) return -2;
+    if (!qk_int8_supported(bits, gs)) return -2;
     const int G = K / gs, Mp = (M + MT - 1) / MT * MT;
     int8_t *xq = (int8_t *)malloc((size_t)Mp * K + sizeof(float) * 2 * (size_t)Mp * G + 64);
     if (!xq) return -4;
     float *dx = (float *)(((uintptr_t)(xq + (size_t)Mp * K) + 63) & ~(uintptr_t)63), *xs = dx + (size_t)Mp * G;
-    memset(xq, 0, (size_t)Mp * K);
-    memset(dx, 0, sizeof(float) * 2 * (size_t)Mp * G);
+    memset(xq + (size_t)M * K, 0, (size_t)(Mp - M) * K); /* padding rows (quant_item writes the others) */
+    memset(dx + (size_t)M * G, 0, sizeof(float) * (size_t)(Mp - M) * G);
+    memset(xs + (size_t)M * G, 0, sizeof(float) * (size_t)(Mp - M) * G);
     i8job_t c = {.j = &j, .xq = xq, .dx = dx, .xs = xs, .M = M, .Mp = Mp, .y = y, .x = x};
     parallel_for((M + QROWS - 1) / QROWS, quant_item, &c);
     int items = 0;
