@@ -15,7 +15,7 @@ from .errors import ToolkitError
 
 # %% auto #0
 __all__ = ['COMMANDS', 'CHAPTER_CLIS', 'command', 'info', 'bench_matmul', 'bench_notebook', 'config_show', 'kernel_install',
-           'docs_build', 'docs_readme', 'build_parser', 'main']
+           'docs_build', 'docs_readme', 'notebooks_run', 'notebooks_slowest', 'build_parser', 'main']
 
 # %% ../nbs/00_foundation/07_cli.ipynb #4f12547d
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
@@ -75,11 +75,10 @@ def _bench_cmd(sub):
     m.add_argument("--out", type=Path, help="output folder (default: benchmark.output_dir)")
     m.add_argument("--no-plain", action="store_true", help="skip plain-MLX measurement in a subprocess")
     m.set_defaults(func=bench_matmul)
-    n = bs.add_parser("notebook", help="execute nbs/benchmarks/NAME.ipynb with papermill")
+    n = bs.add_parser("notebook", help="execute nbs/benchmarks/NAME.ipynb with the given parameters")
     n.add_argument("name", help="notebook name or path, e.g. matmul")
     n.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
-    n.add_argument("--out", type=Path, default=Path("runs/notebooks"))
-    n.add_argument("--kernel", default="efficientai")
+    n.add_argument("--out", type=Path, default=Path("runs/notebooks/benchmarks"))
     n.set_defaults(func=bench_notebook)
 
 def bench_matmul(args) -> int:
@@ -97,19 +96,21 @@ def bench_matmul(args) -> int:
     return 0
 
 def bench_notebook(args) -> int:
-    import papermill as pm
-    from efficientai.io import atomic_write
+    from efficientai.notebooks import execute_notebook, notebook_parameters
     nb = Path(args.name)
     if not nb.exists():
         nb = Path("nbs/benchmarks") / (args.name if args.name.endswith(".ipynb") else f"{args.name}.ipynb")
     if not nb.exists():
         raise ToolkitError("benchmark notebook not found", where=nb, hint="run from the repository root, or give a path")
     params = {k: _literal(v) for k, v in args.param}
-    args.out.mkdir(parents=True, exist_ok=True)
+    if unknown := sorted(set(params) - set(notebook_parameters(nb))):
+        raise ToolkitError(f"{nb.name} has no parameter(s) {', '.join(unknown)}", where=nb,
+                           hint="use names from the notebook's `parameters` cell")
     out = args.out / nb.name
-    pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=args.kernel, cwd=str(nb.parent), progress_bar=True)
-    print(f"wrote {out}")
-    return 0
+    run = execute_notebook(nb, out, params, "command line")
+    print(f"wrote {out} ({run.seconds:.0f} s)")
+    if not run.ok: print(run.error, file=sys.stderr)
+    return 0 if run.ok else 1
 
 def _literal(v: str):
     try: return json.loads(v)
@@ -160,18 +161,24 @@ def _docs_cmd(sub):
     ds = p.add_subparsers(dest="docs_cmd", required=True)
     b = ds.add_parser("build", help="build the site offline to HTML (with Quarto installed, `nbdev-docs` builds the full site)")
     b.add_argument("--out", type=Path, default=Path("_site"))
-    b.add_argument("--no-execute", dest="execute", action="store_false",
-                   help="render stored outputs only (default: execute every page so its numbers are fresh)")
-    b.add_argument("--skip", action="append", metavar="FOLDER",
-                   help="leave out notebooks under nbs/FOLDER (repeatable; default: benchmarks)")
+    b.add_argument("--executed", type=Path, default=Path("runs/notebooks"),
+                   help="the executed copies `efficientai notebooks run` wrote (default: runs/notebooks)")
+    b.add_argument("--execute", action="store_true", help="run every notebook into --executed first")
+    b.add_argument("-j", "--jobs", type=int, default=1, help="with --execute: notebooks at a time")
+    b.add_argument("--code-only", action="store_true", help="render the sources without outputs (no execution)")
+    b.add_argument("--skip", action="append", metavar="FOLDER", help="leave out notebooks under nbs/FOLDER (repeatable)")
     b.set_defaults(func=docs_build)
     r = ds.add_parser("readme", help="write README.md from nbs/index.ipynb")
     r.add_argument("--check", action="store_true", help="only check that README.md is up to date (exit 1 if not)")
     r.set_defaults(func=docs_readme)
 
 def docs_build(args) -> int:
-    from efficientai.docs import build_site
-    pages = build_site(args.out, execute=args.execute, skip_folders=tuple(args.skip or ("benchmarks",)))
+    from efficientai.docs import build_site, project_root
+    if args.execute:
+        from efficientai.notebooks import run_notebooks, course_notebooks
+        nbs = project_root() / "nbs"
+        run_notebooks(course_notebooks(nbs), args.executed, nbs, jobs=args.jobs)
+    pages = build_site(args.out, None if args.code_only else args.executed, skip_folders=tuple(args.skip or ()))
     print(f"built {len(pages)} pages into {args.out}")
     return 0
 
@@ -183,6 +190,38 @@ def docs_readme(args) -> int:
             print(f"{readme} is out of date: run `efficientai docs readme`", file=sys.stderr); return 1
         print(f"{readme} is up to date"); return 0
     print(f"wrote {write_readme()}")
+    return 0
+
+# %% ../nbs/00_foundation/07_cli.ipynb #d4d0c0de
+@command("notebooks")
+def _notebooks_cmd(sub):
+    p = sub.add_parser("notebooks", help="execute the course's notebooks once each, keeping the executed copies")
+    ns = p.add_subparsers(dest="notebooks_cmd", required=True)
+    r = ns.add_parser("run", help="execute every notebook (or those under PATHS) with quick parameters")
+    r.add_argument("paths", nargs="*", help="folders or notebooks under nbs/, e.g. 10_lora or nbs/benchmarks/lora.ipynb")
+    r.add_argument("--out", type=Path, default=Path("runs/notebooks"), help="where the executed copies go")
+    r.add_argument("-j", "--jobs", type=int, default=1, help="notebooks at a time, each pinned to its share of the CPUs")
+    r.add_argument("--full", action="store_true", help="the notebooks' own parameters, not quick/NAME.yaml")
+    r.add_argument("--hints", type=Path, help="JSON {notebook: seconds} from an earlier run (longest start first)")
+    r.set_defaults(func=notebooks_run)
+    s = ns.add_parser("slowest", help="the slowest notebooks and tests recorded in a run folder")
+    s.add_argument("out", type=Path, nargs="?", default=Path("runs/notebooks"))
+    s.add_argument("-n", type=int, default=15, help="rows")
+    s.set_defaults(func=notebooks_slowest)
+
+def notebooks_run(args) -> int:
+    from efficientai.docs import project_root
+    from efficientai.notebooks import run_notebooks, course_notebooks, read_hints
+    nbs = project_root() / "nbs"
+    hints = read_hints(args.hints) if args.hints else None
+    records = run_notebooks(course_notebooks(nbs, args.paths), args.out, nbs, jobs=args.jobs, quick=not args.full,
+                            hints=hints)
+    print(f"{len(records)} notebooks ran; executed copies in {args.out}")
+    return 0
+
+def notebooks_slowest(args) -> int:
+    from efficientai.notebooks import slowest_table
+    print(slowest_table(args.out, args.n))
     return 0
 
 # %% ../nbs/00_foundation/07_cli.ipynb #5a268df5

@@ -5,26 +5,34 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the toolkit uses on Debian/Ubuntu: an optimised BLAS that MLX can bind to, and the zoo's
-# offline data: Fashion-MNIST, colour emoji, the King James Bible, WordNet.
-APT_PACKAGES="libopenblas0-pthread dataset-fashion-mnist fonts-noto-color-emoji bible-kjv wordnet-base"
-if command -v apt-get >/dev/null 2>&1; then
-  missing=""
-  for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
-  if [ -n "$missing" ]; then
-    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    echo "== installing system packages:$missing"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing
+# offline data: Fashion-MNIST, colour emoji, the King James Bible, WordNet; plus $EFFICIENTAI_EXTRA_APT (test.sh: a browser).
+APT_PACKAGES="python3 ca-certificates libopenblas0-pthread dataset-fashion-mnist fonts-noto-color-emoji bible-kjv wordnet-base"
+install_apt() {
+  command -v apt-get >/dev/null 2>&1 || return 0
+  local missing="" p
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+  [ -z "$missing" ] && return 0
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || { echo "setup: need root or sudo to install:$missing" >&2; return 1; }
+    sudo="sudo"
   fi
-fi
+  echo "== installing system packages:$missing"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing
+}
+install_apt $APT_PACKAGES ${EFFICIENTAI_EXTRA_APT:-}
 
-# uv, from PyPI.
-if ! command -v uv >/dev/null 2>&1 && ! python3 -m uv --version >/dev/null 2>&1; then
-  echo "== installing uv"
-  if [ "$(id -u)" -eq 0 ] || [ -n "${VIRTUAL_ENV:-}" ]; then python3 -m pip install -q uv
-  else python3 -m pip install -q --user uv; fi
+# uv: the one on PATH, else our private copy, else its wheel from PyPI unpacked into that private folder by a
+# standard-library script. Never `pip install` into the system Python: Debian 12, Ubuntu 24.04 and Homebrew
+# mark it externally managed (PEP 668) and refuse.
+UV_DIR="${EFFICIENTAI_TOOLS:-$HOME/.local/share/efficientai}/bin"
+if command -v uv >/dev/null 2>&1; then UV=uv
+elif [ -x "$UV_DIR/uv" ]; then UV="$UV_DIR/uv"
+else
+  echo "== installing uv into $UV_DIR"
+  UV=$(python3 scripts/get_uv.py "$UV_DIR")
 fi
-UV="uv"; command -v uv >/dev/null 2>&1 || UV="python3 -m uv"
 
 echo "== syncing the locked environment (.venv)"
 $UV sync --frozen --quiet

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The whole test suite (what CI runs): set up, then
+# The whole test suite (what CI runs): set up (plus a browser for the site check), then
 #  1. nbdev-export / nbdev-clean leave no diff, README.md is generated from nbs/index.ipynb;
-#  2. nbdev-test runs every notebook's tests;
-#  3. each benchmark notebook gets its quick parameters from papermill (--prepare-only: injected, not run);
-#  4. pytest: integration tests in tests/ plus nbval, which executes each parameterised benchmark notebook once
-#     (--nbval-lax: its asserts and errors fail the run; outputs are measurements, so they are not compared).
+#  2. every notebook runs ONCE (`efficientai notebooks run`: nbdev-test's engine, papermill's quick parameters
+#     from quick/NAME.yaml where a notebook has them, two at a time with a core each) and the executed copy is kept;
+#  3. the docs site is rendered from those executed copies (nothing runs again);
+#  4. pytest, two tests at a time: integration tests, the checks on the executed notebooks (what nbdev-test and
+#     nbval checked) and the built site in headless Chromium (screenshots in runs/ci/screenshots);
+#  5. the 15 slowest notebooks and tests, with the totals.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT="$PWD"
-bash scripts/setup.sh
+START=$SECONDS
+EFFICIENTAI_EXTRA_APT="chromium" bash scripts/setup.sh
 V=.venv/bin
 export PYDEVD_DISABLE_FILE_VALIDATION=1
+JOBS=${EFFICIENTAI_JOBS:-2}
+OUT="$PWD/runs/ci"
 
 echo "== nbdev: export and clean must leave no diff"
 # Compare the working tree before and after (on a clean clone, as in CI, "before" is the commit itself).
@@ -25,25 +29,16 @@ if [ $have_git = 1 ] && [ "$(snapshot)" != "$before" ]; then
 fi
 $V/efficientai docs readme --check
 
-echo "== nbdev-test"
-# Each notebook in a fresh process, one at a time, as a fresh kernel would run it: in-process runs share
-# `import mlx` (so the fast BLAS must be loaded first in every one), and two BLAS-heavy notebooks at once make
-# OpenBLAS threads wait on each other (10-20x slower).
-find nbs -name '*.ipynb' -not -path 'nbs/benchmarks/*' -not -path '*/.*' -not -path 'nbs/_*' | sort | while read -r nb; do
-  start=$SECONDS
-  $V/nbdev-test "$nb" --n-workers 0 || { echo "FAILED: $nb"; exit 1; }
-  echo "   $nb: $((SECONDS - start)) s"
-done
+rm -rf "$OUT"; mkdir -p "$OUT"
+echo "== notebooks: each executed once, $JOBS at a time ($((SECONDS - START)) s so far)"
+$V/efficientai notebooks run --out "$OUT/executed" --jobs "$JOBS" --hints .ci/notebook-seconds.json
 
-echo "== benchmark notebooks (papermill injects the quick parameters)"
-OUT="$ROOT/runs/ci"
-rm -rf "$OUT"; mkdir -p "$OUT/notebooks"
-for nb in nbs/benchmarks/*.ipynb; do
-  name=$(basename "$nb" .ipynb)
-  $V/papermill "$nb" "$OUT/notebooks/$name.ipynb" -k efficientai --cwd nbs/benchmarks \
-    -f "nbs/benchmarks/quick/$name.yaml" -p out_dir "$OUT/results" --no-progress-bar --prepare-only
-done
+echo "== docs site from the executed notebooks ($((SECONDS - START)) s so far)"
+$V/efficientai docs build --executed "$OUT/executed" --out "$OUT/site"
 
-echo "== pytest (integration tests + nbval runs the parameterised benchmark notebooks)"
-$V/python -m pytest tests "$OUT/notebooks" --nbval-lax --nbval-kernel-name efficientai \
-  --nbval-sanitize-with nbs/benchmarks/sanitize.cfg -p no:cacheprovider -q
+echo "== pytest ($((SECONDS - START)) s so far)"
+EFFICIENTAI_CI_OUT="$OUT" $V/python -m pytest tests -n "$JOBS" -p no:cacheprovider -q
+
+echo "== the slowest notebooks and tests"
+$V/efficientai notebooks slowest "$OUT"
+echo "== test suite: $((SECONDS - START)) s"

@@ -1,9 +1,12 @@
-import os, subprocess, sys
+import json, os, subprocess, sys
 from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# The CI run's output folder (scripts/test.sh sets it): executed notebooks, the built site, timings, screenshots.
+CI_OUT = Path(os.environ["EFFICIENTAI_CI_OUT"]).resolve() if os.environ.get("EFFICIENTAI_CI_OUT") else None
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
 def run(args, env=None, cwd=ROOT, check=True, timeout=900):
@@ -19,3 +22,36 @@ def run(args, env=None, cwd=ROOT, check=True, timeout=900):
 @pytest.fixture
 def cli():
     return lambda *a, **kw: run([str(BIN / "efficientai"), *a], **kw)
+
+
+def ci_output(*parts: str) -> Path:
+    "A path in the CI run's output folder; skips the test outside such a run, fails it when CI=true."
+    if CI_OUT is None:
+        if os.environ.get("CI") == "true": pytest.fail("EFFICIENTAI_CI_OUT is not set: run the suite with scripts/test.sh")
+        pytest.skip("needs the executed notebooks and site of a scripts/test.sh run (EFFICIENTAI_CI_OUT)")
+    return CI_OUT.joinpath(*parts)
+
+
+def pytest_configure(config):
+    # Under pytest-xdist (-n 2) each worker gets its own share of the CPUs, and its subprocesses inherit it: two
+    # BLAS pools spinning on the same cores make each other 10-20x slower (see efficientai.notebooks).
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and count > 1 and hasattr(os, "sched_setaffinity"):
+        cpus, slot = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw"))
+        mine = cpus[slot * len(cpus) // count:(slot + 1) * len(cpus) // count] or cpus[:1]
+        os.sched_setaffinity(0, mine)
+        os.environ.update({v: str(len(mine)) for v in THREAD_VARS})
+
+
+_durations: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    # The controller (not an xdist worker) writes every test's seconds for the slowest-15 table.
+    if CI_OUT is not None and not os.environ.get("PYTEST_XDIST_WORKER") and _durations:
+        CI_OUT.mkdir(parents=True, exist_ok=True)
+        (CI_OUT / "pytest-durations.json").write_text(json.dumps({k: round(v, 2) for k, v in _durations.items()}, indent=1))

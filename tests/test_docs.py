@@ -1,6 +1,8 @@
-"""The docs: site config valid for Quarto users, offline HTML build, README generated from index.ipynb."""
-from conftest import ROOT, run
+"""The docs: site config valid for Quarto users, the offline site built from this run's executed notebooks, README
+generated from index.ipynb."""
+from conftest import ROOT, ci_output
 from efficientai.docs import check_quarto_yml, readme_text
+from efficientai.notebooks import course_notebooks
 
 
 def test_quarto_yml_is_a_valid_site_config():
@@ -15,33 +17,20 @@ def test_readme_is_generated_from_index_notebook():
     assert "bash scripts/run.sh" in text and "bash scripts/test.sh" in text
 
 
-def test_offline_site_renders_every_chapter_page(cli, tmp_path):
-    # Chapters' notebooks are executed by nbdev-test already; here we check that every page renders.
-    out = tmp_path / "site"
-    cli("docs", "build", "--out", str(out), "--no-execute")
-    pages = {p.relative_to(out).as_posix() for p in out.rglob("*.html")}
-    for name in ("cache", "text", "llm", "minilm", "tiny", "images", "instruct", "catalog"):
-        assert f"05_zoo/{name}.html" in pages
-    assert "convert_gguf" in (out / "05_zoo" / "llm.html").read_text()
-    for name in ("config", "data", "kernels", "loss", "adapters", "train", "evaluate", "search", "compare", "cli"):
-        assert f"10_lora/{name}.html" in pages
-    assert "fast_kernels" in (out / "10_lora" / "kernels.html").read_text()
-    for name in ("ptq", "metrics", "mixed", "calibrated", "qat", "kernels", "export", "cli"):
-        assert f"20_quantization/{name}.html" in pages
-    assert "QuantSpec" in (out / "20_quantization" / "ptq.html").read_text()
-    for name in ("train", "prune", "structured", "lowrank", "distill", "deploy", "pipeline", "cli"):
-        assert f"30_compression/{name}.html" in pages
-    assert "run_pipeline" in (out / "30_compression" / "pipeline.html").read_text()
-
-
-def test_offline_site_build_executes_and_renders_every_page(cli, tmp_path):
-    out = tmp_path / "site"
-    cli("docs", "build", "--out", str(out), "--skip", "benchmarks", "--skip", "05_zoo", "--skip", "10_lora",
-        "--skip", "20_quantization", "--skip", "30_compression")
-    pages = {p.relative_to(out).as_posix() for p in out.rglob("*.html")}
-    for name in ("errors", "backend", "config", "logging", "io", "benchmark", "plotting", "cli", "docs"):
-        assert f"00_foundation/{name}.html" in pages
-    backend = (out / "00_foundation" / "backend.html").read_text()
-    assert "preload_fast_blas" in backend          # API docs from show_doc
-    assert "GFLOP/s, ratio" in backend              # an executed cell's output
-    assert "index.html" in pages
+def test_site_has_a_page_per_notebook_with_api_docs_and_outputs():
+    site = ci_output("site")
+    pages = {p.relative_to(site).as_posix() for p in site.rglob("*.html")}
+    assert len(pages) == len(course_notebooks(ROOT / "nbs")), sorted(pages)
+    for folder, names in {"00_foundation": ("errors", "backend", "notebooks", "docs"),
+                          "05_zoo": ("cache", "text", "llm", "minilm", "tiny", "images", "instruct", "catalog"),
+                          "10_lora": ("config", "data", "kernels", "train", "evaluate", "search", "compare", "cli"),
+                          "20_quantization": ("ptq", "metrics", "mixed", "calibrated", "qat", "kernels", "export", "cli"),
+                          "30_compression": ("train", "prune", "structured", "lowrank", "distill", "deploy", "pipeline"),
+                          "benchmarks": ("lora", "matmul", "quantization", "compression")}.items():
+        for name in names: assert f"{folder}/{name}.html" in pages
+    for page, api in [("05_zoo/llm.html", "convert_gguf"), ("10_lora/kernels.html", "fast_kernels"),
+                      ("20_quantization/ptq.html", "QuantSpec"), ("30_compression/pipeline.html", "run_pipeline"),
+                      ("00_foundation/backend.html", "preload_fast_blas")]:
+        assert api in (site / page).read_text(), f"{page} lacks the API docs of {api}"
+    backend = (site / "00_foundation" / "backend.html").read_text()
+    assert "GFLOP/s, ratio" in backend              # an executed cell's output, from the one run

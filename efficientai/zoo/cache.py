@@ -6,7 +6,7 @@ Docs: https://efficientai.github.io/efficientai/05_zoo/cache.html.md"""
 
 # %% ../../nbs/05_zoo/00_cache.ipynb #ec1f2029
 from __future__ import annotations
-import datetime, hashlib, json, os, shutil, urllib.error, urllib.parse, urllib.request, zipfile
+import contextlib, datetime, hashlib, json, os, shutil, urllib.error, urllib.parse, urllib.request, zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -155,15 +155,29 @@ class ZooEntry:
     def folder(self, root: Path | None = None) -> Path:
         return (root or cache_root()) / f"{self.kind}s" / self.name
 
+@contextlib.contextmanager
+def _build_lock(dest: Path):
+    "Hold an exclusive lock on building `dest` (a file in the cache's `.locks/`); other processes wait their turn."
+    import fcntl
+    lock = dest.parent.parent / ".locks" / f"{dest.parent.name}-{dest.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
 def fetch_entry(entry: ZooEntry, *, force: bool = False, root: Path | None = None) -> Path:
     "Build `entry` into the cache unless it is already there, intact and (per `entry.current`) current; its folder."
     dest = entry.folder(root)
-    if not force and not verify_entry(dest) and (entry.current is None or entry.current(read_manifest(dest))):
-        return dest
-    for stale in dest.parent.glob(f".{dest.name}.*.tmp"):  # left by a build that was killed (SIGKILL, power loss)
-        shutil.rmtree(stale, ignore_errors=True)
-    with atomic_dir(dest) as tmp:
-        extra = entry.build(tmp) or {}
-        write_manifest(tmp, name=entry.name, kind=entry.kind, licence=entry.licence, source=entry.source,
-                       description=entry.description, **extra)
+    def ready() -> bool:
+        return not verify_entry(dest) and (entry.current is None or entry.current(read_manifest(dest)))
+    if not force and ready(): return dest
+    with _build_lock(dest):
+        if not force and ready(): return dest       # built by another process while we waited
+        for stale in dest.parent.glob(f".{dest.name}.*.tmp"):  # left by a killed build (SIGKILL, power loss)
+            shutil.rmtree(stale, ignore_errors=True)
+        with atomic_dir(dest) as tmp:
+            extra = entry.build(tmp) or {}
+            write_manifest(tmp, name=entry.name, kind=entry.kind, licence=entry.licence, source=entry.source,
+                           description=entry.description, **extra)
     return dest
