@@ -11,11 +11,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from .errors import ToolkitError
+from .errors import ToolkitError, ConfigError
 
 # %% auto #0
 __all__ = ['COMMANDS', 'CHAPTER_CLIS', 'command', 'info', 'bench_matmul', 'bench_notebook', 'config_show', 'kernel_install',
-           'docs_build', 'docs_readme', 'notebooks_run', 'notebooks_slowest', 'build_parser', 'main']
+           'docs_build', 'docs_readme', 'notebooks_run', 'notebooks_slowest', 'add_run_config', 'run_config_values',
+           'parse_args', 'build_parser', 'main']
 
 # %% ../nbs/00_foundation/07_cli.ipynb #4f12547d
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
@@ -224,6 +225,92 @@ def notebooks_slowest(args) -> int:
     print(slowest_table(args.out, args.n))
     return 0
 
+# %% ../nbs/00_foundation/07_cli.ipynb #e21ef3cd
+def _run_options(p: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    "`{name: action}` of the options a run config may set: every `--long` option but help and the config itself."
+    out = {}
+    for a in p._actions:
+        longs = [s[2:] for s in a.option_strings if s.startswith("--")]
+        if longs and a.dest not in ("help", "run_config"): out[longs[0]] = a
+    return out
+
+def add_run_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Give subcommand `p` a `-c/--config FILE` of its options (call it after adding them); `parse_args` applies it."
+    required = [a for a in _run_options(p).values() if a.required]
+    for a in required:  # checked by `parse_args` once the file's values are in
+        a.required, a.help = False, f"{a.help or a.dest} (required: as a flag or in the config file)"
+    p.add_argument("-c", "--config", dest="run_config", type=Path, metavar="FILE",
+                   help="YAML/TOML/JSON file of this command's options (keys: the option names); flags win over it")
+    p.set_defaults(_run_config=(p, required))
+    return p
+
+# %% ../nbs/00_foundation/07_cli.ipynb #3ba993d8
+def _one_value(a: argparse.Action, v, file: Path, key: str):
+    if v is None or isinstance(v, (bool, dict, list)):
+        raise ConfigError("not a value this option takes", file=file, key=key, expected="a string or a number", got=v,
+                          hint="quote it: YAML reads yes/no/on/off as true/false")
+    try: out = a.type(str(v)) if a.type else str(v)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ConfigError("wrong type", file=file, key=key, expected=getattr(a.type, "__name__", "a valid value"),
+                          got=v) from None
+    if a.choices is not None and out not in a.choices:
+        raise ConfigError("not one of the choices", file=file, key=key, expected=" | ".join(map(str, a.choices)), got=v)
+    return out
+
+def _option_value(a: argparse.Action, value, file: Path, key: str):
+    "`value` from a config file as option `a` would get it from the command line."
+    if isinstance(a, argparse._StoreConstAction):  # a switch: store_true / store_false
+        if not isinstance(value, bool):
+            raise ConfigError("a switch", file=file, key=key, expected="true or false", got=value)
+        return a.const if value else a.default
+    if not isinstance(a, argparse._StoreAction):
+        raise ConfigError(f"{'/'.join(a.option_strings)} cannot be set from a file", file=file, key=key,
+                          hint="give it on the command line")
+    many = a.nargs in ("+", "*")
+    if isinstance(value, list) != many:
+        raise ConfigError("wrong shape", file=file, key=key, expected="a list" if many else "one value", got=value)
+    return [_one_value(a, v, file, key) for v in value] if many else _one_value(a, value, file, key)
+
+# %% ../nbs/00_foundation/07_cli.ipynb #f5fb51e1
+def run_config_values(p: argparse.ArgumentParser, path: Path | str) -> dict:
+    "`{dest: value}` of run config `path` for subcommand `p`, converted as the command line would convert them."
+    from efficientai.config import read_config_file, _flatten
+    path = Path(path)
+    raw = read_config_file(path)
+    if raw["profiles"]: raise ConfigError("a run config has no profiles", file=path, key="profiles",
+                                          hint="keep one file per run")
+    options = _run_options(p)
+    positional = {a.dest for a in p._actions if not a.option_strings}
+    out, seen = {}, set()
+    for key, value in _flatten(raw["base"]).items():
+        if key in positional:
+            raise ConfigError("a positional argument, not an option", file=path, key=key,
+                              hint=f"give it on the command line: {p.prog} {key.upper()} -c {path}")
+        a = options.get(key.replace("_", "-"))
+        if a is None: raise ConfigError(f"unknown key; valid keys: {', '.join(options)}", file=path, key=key,
+                                        hint="check the spelling (dashes or underscores)")
+        if a.dest in seen: raise ConfigError("given twice (with dashes and with underscores)", file=path, key=key)
+        seen.add(a.dest)
+        if value is not None: out[a.dest] = _option_value(a, value, path, key)
+    return out
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    "`parser.parse_args(argv)`, then a subcommand's run config (`-c FILE`) fills the options not given as flags."
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    if not hasattr(args, "_run_config"): return args
+    sub, required = args._run_config
+    if args.run_config is not None:
+        values = run_config_values(sub, args.run_config)
+        before = {k: sub.get_default(k) for k in values}
+        sub.set_defaults(**values)
+        try: args = parser.parse_args(argv)  # the file's values are now defaults: flags given on the line win
+        finally: sub.set_defaults(**before)
+    del args._run_config
+    if missing := ["/".join(a.option_strings) for a in required if getattr(args, a.dest) is None]:
+        sub.error(f"the following arguments are required: {', '.join(missing)} (as flags or in -c FILE)")
+    return args
+
 # %% ../nbs/00_foundation/07_cli.ipynb #5a268df5
 CHAPTER_CLIS = ("efficientai.zoo.catalog", "efficientai.lora.cli", "efficientai.quant.cli", "efficientai.compress.cli")  # modules whose `@command`s join the CLI (imported on demand)
 
@@ -241,9 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     "Run the `efficientai` command line."
     from efficientai.logging import setup_logging
-    args = build_parser().parse_args(argv)
-    setup_logging("DEBUG" if args.verbose else "WARNING")
-    try: return args.func(args) or 0
+    try:
+        args = parse_args(build_parser(), argv)
+        setup_logging("DEBUG" if args.verbose else "WARNING")
+        return args.func(args) or 0
     except ToolkitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

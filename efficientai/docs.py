@@ -14,8 +14,8 @@ from .errors import ToolkitError
 from .io import atomic_write
 
 # %% auto #0
-__all__ = ['CHAPTER_TITLES', 'DocsError', 'project_root', 'check_quarto_yml', 'process_notebook', 'chapter_title', 'provenance',
-           'build_site', 'readme_text', 'write_readme']
+__all__ = ['CHAPTER_TITLES', 'DocsError', 'project_root', 'check_quarto_yml', 'process_notebook', 'split_tables', 'chapter_title',
+           'provenance', 'build_site', 'readme_text', 'write_readme']
 
 # %% ../nbs/00_foundation/09_docs.ipynb #3df65be6
 class DocsError(ToolkitError):
@@ -80,8 +80,37 @@ def _last_update(text: str) -> str:
     "A stream as a terminal shows it: each line's text after its last carriage return."
     return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n"))
 
+_ROW = re.compile(r"^\s*\|.*\|\s*$")
+_RULE = re.compile(r"^\s*\|?(\s*:?-{3,}:?\s*\|)+\s*(:?-{3,}:?\s*)?$")
+
+def split_tables(text: str) -> list[tuple[str, str]]:
+    "Printed text as ('text', ...) and ('table', ...) runs; a table is a `| header |` row, a `|---|` rule and rows."
+    lines, runs, plain, i = text.split("\n"), [], [], 0
+    while i < len(lines):
+        if i + 1 < len(lines) and _ROW.match(lines[i]) and _RULE.match(lines[i + 1]):
+            j = i + 2
+            while j < len(lines) and _ROW.match(lines[j]): j += 1
+            if "\n".join(plain).strip(): runs.append(("text", "\n".join(plain).strip("\n") + "\n"))
+            runs.append(("table", "\n".join(lines[i:j]))); plain, i = [], j
+        else: plain.append(lines[i]); i += 1
+    if "\n".join(plain).strip(): runs.append(("text", "\n".join(plain).strip("\n") + "\n"))
+    return runs
+
+def _outputs_for_page(outputs: list) -> list:
+    "Streams as a terminal shows them (last progress update), and Markdown tables printed to stdout as tables."
+    import nbformat
+    page = []
+    for o in outputs:
+        if o.get("output_type") != "stream": page.append(o); continue
+        text = _last_update("".join(o["text"]) if isinstance(o["text"], list) else o["text"])
+        if o.get("name") != "stdout": page.append({**o, "text": text}); continue
+        for kind, part in split_tables(text):
+            page.append(nbformat.v4.new_output("stream", name="stdout", text=part) if kind == "text" else
+                        nbformat.v4.new_output("display_data", data={"text/markdown": part}))
+    return page
+
 def _apply_directives(nb) -> None:
-    "Do to each cell what Quarto does with the directives nbdev leaves in it."
+    "Do to each cell what Quarto does with the directives nbdev leaves in it; outputs as `_outputs_for_page` shows them."
     keep = []
     for c in nb.cells:
         if c.cell_type == "raw" and c.source.startswith("---"): continue        # front matter: the page header shows it
@@ -90,8 +119,7 @@ def _apply_directives(nb) -> None:
             if d.get("include") == "false": continue
             if d.get("output") == "false": c.outputs = []
             if d.get("echo") == "false" or not c.source.strip(): c.metadata["transient"] = {"remove_source": True}
-            for o in c.get("outputs", []):
-                if o.get("output_type") == "stream": o["text"] = _last_update(o["text"])
+            c.outputs = _outputs_for_page(c.get("outputs", []))
             if not c.source.strip() and not c.get("outputs"): continue
         keep.append(c)
     nb.cells = keep
@@ -141,15 +169,14 @@ nav ul{list-style:none;margin:0;padding:0} nav li a{display:block;padding:.1rem 
 main{margin-left:16rem;padding:1.5rem 2.5rem;max-width:62rem}
 header.page h1{margin:.2rem 0} header.page .description{font-size:18px;color:#57606a;margin:.3rem 0 1rem}
 .provenance{font-size:13px;color:#57606a;border-left:3px solid #d0d7de;padding:.2rem .7rem;margin-bottom:1.5rem}
-.jp-Cell{margin:.6rem 0} .jp-InputArea-editor,.highlight{background:#f6f8fa;border-radius:6px;overflow-x:auto}
+.cell{margin:.6rem 0} .input_area,.highlight{background:#f6f8fa;border-radius:6px;overflow-x:auto}
 .highlight pre{margin:0;padding:.6rem .8rem;font-size:13.5px}
-.jp-OutputArea-output pre{margin:.2rem 0;padding:.4rem .8rem;font-size:13px;overflow-x:auto;background:#fff;
-    border-left:3px solid #afb8c1}
-.jp-RenderedText[data-mime-type="application/vnd.jupyter.stderr"] pre{border-left-color:#d4a72c}
+.output_text pre{margin:.2rem 0;padding:.4rem .8rem;font-size:13px;overflow-x:auto;background:#fff;
+    border-left:3px solid #afb8c1} .output_stderr pre{border-left-color:#d4a72c}
 table{border-collapse:collapse;margin:.6rem 0;font-size:14px} th,td{border:1px solid #d0d7de;padding:.25rem .6rem}
 th{background:#f6f8fa} img,svg{max-width:100%;height:auto} code{font-size:90%}
 .anchor-link{font-size:.6em;margin-left:.3em;opacity:.25;text-decoration:none} h2:hover .anchor-link{opacity:.8}
-.jp-InputPrompt,.jp-OutputPrompt{display:none}
+.prompt{display:none}
 @media (max-width:900px){nav{position:static;width:auto;height:auto} main{margin-left:0}}
 """
 
@@ -202,7 +229,7 @@ def build_site(out: Path | str = "_site", executed: Path | str | None = "runs/no
             raise DocsError(f"no executed copy of {len(missing)} notebook(s): {', '.join(missing[:5])}", where=executed,
                             hint="run `efficientai notebooks run --out DIR` first, or build with --no-execute")
     processed = []
-    for src in tqdm(sources, desc="processing"):
+    for src in tqdm(sources, desc="processing", disable=None):
         rel = src.relative_to(nbs_dir)
         nb = process_notebook(executed / rel if executed is not None else src, root)
         fm = _front_matter(nb)
@@ -213,7 +240,7 @@ def build_site(out: Path | str = "_site", executed: Path | str | None = "runs/no
     nav = [p for p in processed if p["section"]]
     links = {Path(p["rel"]).name: p["href"] for p in processed}
     pages = []
-    for p in tqdm(processed, desc="rendering"):
+    for p in tqdm(processed, desc="rendering", disable=None):
         prefix = "../" * p["href"].count("/")
         meta = p["nb"].metadata.get("efficientai", {})
         _apply_directives(p["nb"])

@@ -195,13 +195,22 @@ def run_notebooks(notebooks: list[Path], out: Path | str, nbs: Path | str, jobs:
             bar.update(1)
             bar.write(f"{'ok    ' if rec.ok else 'FAILED'} {rec.seconds:7.1f} s  {rec.name}")
     bar.close()
-    atomic_write_json(out / "notebooks.json", [asdict(r) for r in records])
-    atomic_write_json(out / "seconds.json", {r.name: r.seconds for r in records})   # hints for the next run
-    if failed := [r for r in records if not r.ok]:
+    _merge_records(out, records)
+    failed = [r for r in records if not r.ok]
+    if failed:
         detail = "\n\n".join(f"{r.notebook}:\n{r.error[-2000:]}" for r in failed)
         raise NotebookError(f"{len(failed)} of {len(records)} notebooks failed:\n{detail}", where=out,
                             hint="each executed copy shows the failing cell; logs are in _logs/")
     return records
+
+def _merge_records(out: Path, records: list[NotebookRun]) -> None:
+    "Update `out/notebooks.json` (and `seconds.json`, hints for the next run) with these records, keeping the others."
+    f = out / "notebooks.json"
+    kept = {r["name"]: r for r in json.loads(f.read_text())} if f.exists() else {}
+    kept.update({r.name: asdict(r) for r in records})
+    rows = [kept[k] for k in sorted(kept)]
+    atomic_write_json(f, rows)
+    atomic_write_json(out / "seconds.json", {r["name"]: r["seconds"] for r in rows})
 
 def read_hints(path: Path | str) -> dict[str, float]:
     "Seconds per notebook from an earlier run's `seconds.json` (a file CI keeps in `.ci/`)."

@@ -12,11 +12,12 @@ from typing import Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt
+import numpy as np
 from .io import atomic_write
 
 # %% auto #0
-__all__ = ['PALETTE', 'BASELINE_COLOR', 'style', 'save_figure', 'comparison_bars', 'training_curves', 'pareto_front',
-           'pareto_plot', 'memory_timeline']
+__all__ = ['PALETTE', 'BASELINE_COLOR', 'style', 'save_figure', 'comparison_bars', 'training_curves', 'shorten', 'text_box',
+           'label_points', 'pareto_front', 'pareto_plot', 'memory_timeline']
 
 # %% ../nbs/00_foundation/06_plotting.ipynb #10945e1c
 PALETTE = ["#2563eb", "#ea580c", "#16a34a", "#9333ea", "#dc2626", "#0891b2", "#ca8a04", "#db2777"]
@@ -47,8 +48,8 @@ def comparison_bars(groups: Sequence[str], series: dict[str, Sequence[float]], e
             err = (errors or {}).get(name)
             ax.bar(xs, vals, width, yerr=err, capsize=3, label=name,
                    color=BASELINE_COLOR if name == baseline else next(colors))
-        ax.set_xticks(range(len(groups)), groups, rotation=30 if len(groups) > 4 else 0,
-                      ha="right" if len(groups) > 4 else "center")
+        crowded = len(groups) > 4 or sum(len(str(g)) for g in groups) > 8 * len(groups)   # labels would touch
+        ax.set_xticks(range(len(groups)), groups, rotation=30 if crowded else 0, ha="right" if crowded else "center")
         if log: ax.set_yscale("log")
         ax.set_ylabel(ylabel); ax.set_title(title)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the axes: never hides a bar
@@ -69,6 +70,40 @@ def training_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], 
         fig.tight_layout()
     return fig
 
+# %% ../nbs/00_foundation/06_plotting.ipynb #b9c0ffee
+def shorten(label: str, width: int = 22) -> str:
+    "A plot label of at most `width` characters; a long `a+b+c` pipeline name keeps its last step (`…+c`)."
+    if len(label) <= width: return label
+    last = "…+" + label.rsplit("+", 1)[-1]
+    if "+" in label and len(last) <= width: return last
+    return label[:width - 1] + "…"
+
+def text_box(t, renderer=None):
+    "A text's (or annotation's) extent on the canvas, its leader line left out."
+    return matplotlib.text.Text.get_window_extent(t, renderer or t.figure.canvas.get_renderer())
+
+_SPOTS = [(dx * r, dy * r) for r in (5, 12, 22, 34, 48)
+          for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))]
+
+def label_points(ax, xs: Sequence[float], ys: Sequence[float], labels: Sequence[str], fontsize: float = 8) -> list:
+    "Annotate point i with `labels[i]` where the label overlaps no other label and no point; the text artists."
+    renderer = ax.figure.canvas.get_renderer()
+    pts = ax.transData.transform(np.column_stack([xs, ys]).astype(float))
+    marks = [matplotlib.transforms.Bbox.from_bounds(px - 4, py - 4, 8, 8) for px, py in pts]
+    placed, texts = [], []
+    for (x, y), lab in zip(zip(xs, ys), labels):
+        for k, (dx, dy) in enumerate(_SPOTS):
+            ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+            va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
+            leader = dict(arrowstyle="-", lw=0.5, color=BASELINE_COLOR) if k >= 8 else None
+            t = ax.annotate(lab, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+                            fontsize=fontsize, arrowprops=leader)
+            box = text_box(t, renderer).expanded(1.04, 1.15)
+            if not any(box.overlaps(o) for o in placed + marks): break
+            if k < len(_SPOTS) - 1: t.remove()
+        placed.append(box); texts.append(t)
+    return texts
+
 # %% ../nbs/00_foundation/06_plotting.ipynb #477e995d
 def pareto_front(xs: Sequence[float], ys: Sequence[float], minimize_x: bool = True, minimize_y: bool = True) -> list[int]:
     "Indices of the Pareto-optimal points, sorted by x."
@@ -80,18 +115,19 @@ def pareto_front(xs: Sequence[float], ys: Sequence[float], minimize_x: bool = Tr
     return front
 
 def pareto_plot(xs: Sequence[float], ys: Sequence[float], labels: Sequence[str] | None = None, xlabel: str = "",
-                ylabel: str = "", title: str = "", minimize_x: bool = True, minimize_y: bool = True, logx: bool = False):
+                ylabel: str = "", title: str = "", minimize_x: bool = True, minimize_y: bool = True, logx: bool = False,
+                logy: bool = False):
     "Scatter of all points with the Pareto front highlighted and labelled."
     front = pareto_front(xs, ys, minimize_x, minimize_y)
     with plt.rc_context(style()):
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.scatter(xs, ys, color=BASELINE_COLOR, label="all")
         ax.plot([xs[i] for i in front], [ys[i] for i in front], "o-", color=PALETTE[0], label="Pareto front")
-        for i, lab in enumerate(labels or []):
-            ax.annotate(lab, (xs[i], ys[i]), fontsize=8, xytext=(4, 4), textcoords="offset points")
         if logx: ax.set_xscale("log")
+        if logy: ax.set_yscale("log")
         ax.set_xlabel(xlabel); ax.set_ylabel(ylabel); ax.set_title(title); ax.legend()
         fig.tight_layout()
+        if labels: label_points(ax, xs, ys, [shorten(l) for l in labels])
     return fig
 
 # %% ../nbs/00_foundation/06_plotting.ipynb #d8b3757c

@@ -9,7 +9,7 @@ from __future__ import annotations
 import efficientai  # first: loads fast BLAS
 import argparse, json
 from pathlib import Path
-from ..cli import command
+from ..cli import command, add_run_config
 from ..errors import ConfigError, ModelLoadingError
 
 # %% auto #0
@@ -51,6 +51,7 @@ def _compress_cli(sub):
     r.add_argument("--repeat", type=int, default=5, help="latency repeats")
     r.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and onnxruntime timing")
     r.set_defaults(func=compress_run)
+    add_run_config(r)
 
 # %% ../../nbs/30_compression/07_cli.ipynb #830070f3
 def _task(model, tokenizer, args):

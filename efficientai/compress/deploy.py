@@ -19,7 +19,7 @@ from ..quant.ptq import parameter_count, is_quantized, bits_per_weight
 from ..quant.metrics import disk_mb
 from ..quant.export import export_onnx, check_onnx, model_kind
 from ..quant.kernels import fast_quantized, prompt_path
-from ..plotting import style, PALETTE, BASELINE_COLOR
+from ..plotting import style, PALETTE, BASELINE_COLOR, shorten, label_points
 
 # %% auto #0
 __all__ = ['family', 'mlx_latency_ms', 'measure', 'compare', 'quality_column', 'figure']
@@ -91,16 +91,15 @@ def figure(df: pd.DataFrame, title: str = ""):
     q, higher = quality_column(df)
     with plt.rc_context(style()):
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-        a.scatter(df["disk_mb"], df[q], color=PALETTE[0])
-        a.scatter(df["disk_mb"].iloc[:1], df[q].iloc[:1], color=BASELINE_COLOR, s=80, label="original")
-        for _, r in df.iterrows():
-            a.annotate(r["variant"], (r["disk_mb"], r[q]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        a.scatter(df["disk_mb"].iloc[1:], df[q].iloc[1:], color=PALETTE[0])
+        a.scatter(df["disk_mb"].iloc[:1], df[q].iloc[:1], color=BASELINE_COLOR, s=80)   # the original: labelled, grey
         if q == "perplexity": a.set_yscale("log")
         a.set_xlabel("size on disk (MB)"); a.set_ylabel(q + (" (higher is better)" if higher else " (lower is better)"))
-        a.legend()
+        names = [shorten(v) for v in df["variant"]]
         xs = np.arange(len(df)); w = 0.4
         b.bar(xs - w / 2, df["mlx_ms"], w, label="MLX", color=PALETTE[0])
         if "ort_ms" in df: b.bar(xs + w / 2, df["ort_ms"], w, label="onnxruntime", color=PALETTE[1])
-        b.set_xticks(xs, df["variant"], rotation=30, ha="right"); b.set_ylabel("forward latency (ms)"); b.legend()
+        b.set_xticks(xs, names, rotation=30, ha="right"); b.set_ylabel("forward latency (ms)"); b.legend()
         fig.suptitle(title); fig.tight_layout()
+        label_points(a, list(df["disk_mb"]), list(df[q]), names)     # after the layout: labels never overlap
     return fig

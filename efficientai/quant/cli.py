@@ -9,7 +9,7 @@ from __future__ import annotations
 import efficientai  # first: loads fast BLAS
 import argparse, json
 from pathlib import Path
-from ..cli import command
+from ..cli import command, add_run_config
 from ..errors import ConfigError
 
 # %% auto #0
@@ -22,6 +22,12 @@ def _base(model_name: str):
     model, tokenizer = load_model(model_name)
     cfg = json.loads((Path(model_path(model_name)) / "config.json").read_text())
     return model, tokenizer, cfg
+
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods or set(methods) - {"rtn", "awq", "gptq"}:
+        raise ConfigError("methods are rtn, awq and gptq", key="--methods", expected="e.g. rtn,awq", got=text)
+    return methods
 
 def _specs(text: str) -> list[str]:
     from efficientai.quant.ptq import parse_spec
@@ -43,12 +49,15 @@ def _quant_cli(sub):
     r.add_argument("--calib-samples", type=int, default=16); r.add_argument("--calib-len", type=int, default=256)
     r.add_argument("--eval-tokens", type=int, default=0, metavar="N", help="then score N held-out tokens against the float model")
     r.set_defaults(func=quant_run)
+    add_run_config(r)
     c = qs.add_parser("compare", help="metrics table and Pareto plot for several formats")
     c.add_argument("model"); c.add_argument("--specs", default="q8,q4,q3,mxfp4")
     c.add_argument("--tokens", type=int, default=2048, help="held-out tokens scored per variant")
     c.add_argument("--window", type=int, default=512)
     c.add_argument("--prompt-tokens", type=int, default=128); c.add_argument("--gen-tokens", type=int, default=32)
     c.add_argument("--fast", action="store_true", help="measure quantized speed on the CPU kernels")
+    c.add_argument("--methods", default="rtn", help="rtn, awq, gptq (comma-separated): each spec by each method")
+    c.add_argument("--calib-samples", type=int, default=16); c.add_argument("--calib-len", type=int, default=256)
     c.add_argument("--out", type=Path, default=Path("quant-compare"))
     c.set_defaults(func=quant_compare)
     e = qs.add_parser("export", help="export to ONNX or Core ML and check the export")
@@ -99,11 +108,14 @@ def quant_compare(args) -> int:
     from efficientai.quant.metrics import held_out_tokens, compare, pareto_figure
     from efficientai.plotting import save_figure
     from efficientai.io import atomic_write, atomic_write_json
-    specs = _specs(args.specs)
-    model, tokenizer, _ = _base(args.model)
+    specs, methods = _specs(args.specs), _methods(args.methods)
+    model, tokenizer, cfg = _base(args.model)
     tokens = held_out_tokens(tokenizer, args.tokens)
     prompt = held_out_tokens(tokenizer, args.prompt_tokens, split="valid")
-    df = compare(model, tokenizer, {s: s for s in specs}, tokens, prompt, window=min(args.window, args.tokens - 1),
+    def build(spec, method):   # called when its row is measured: one quantized copy in memory at a time
+        return lambda: quantized_model(model, tokenizer, cfg, spec, method, None, args.calib_samples, args.calib_len)[0]
+    variants = {(s if m == "rtn" else f"{m} {s}"): (s if m == "rtn" else build(s, m)) for s in specs for m in methods}
+    df = compare(model, tokenizer, variants, tokens, prompt, window=min(args.window, args.tokens - 1),
                  gen_tokens=args.gen_tokens, fast="on" if args.fast else False)
     args.out.mkdir(parents=True, exist_ok=True)
     md = df.round(4).to_markdown()

@@ -118,12 +118,12 @@ def evaluate(name: str, model: nn.Module, tokenizer, ref: Reference, prompt, gen
 
 def compare(base: nn.Module, tokenizer, variants: dict, tokens: np.ndarray, prompt, *, window: int = 512,
             gen_tokens: int = 32, fast: bool | str = False, ref: Reference | None = None) -> pd.DataFrame:
-    """Table of `variants` (name → model, spec string or `QuantSpec`) against the float `base` (first row).
-    Specs are quantized from `base` one at a time, so only one variant is in memory at once."""
+    """Table of `variants` (name → model, spec string, `QuantSpec`, or a function returning a model) against the float
+    `base` (first row). Specs and functions are turned into models one at a time, so only one variant is in memory."""
     ref = ref or reference(base, tokens, window)
     rows = [evaluate("float", base, tokenizer, ref, prompt, gen_tokens)]
     for name, v in tqdm(variants.items(), desc="variants"):
-        m = v if isinstance(v, nn.Module) else quantize_copy(base, parse_spec(v))[0]
+        m = v if isinstance(v, nn.Module) else v() if callable(v) else quantize_copy(base, parse_spec(v))[0]
         rows.append(evaluate(name, m, tokenizer, ref, prompt, gen_tokens, fast=fast and is_quantized(m)))
         del m
     df = pd.DataFrame(rows).set_index("variant")
@@ -136,7 +136,9 @@ def pareto_figure(df: pd.DataFrame, x: str = "bits_per_weight", y: str = "kl", l
     "Pareto plot of `y` (lower is better) against `x` (lower is better), one labelled point per variant."
     from efficientai.plotting import pareto_plot
     d = df.drop(index="float", errors="ignore")
-    fig = pareto_plot(list(d[x]), list(d[y]), labels=list(d.index), xlabel=x.replace("_", " "),
-                      ylabel=y.replace("_", " "), title=f"{y} vs {x}")
-    if logy: fig.axes[0].set_yscale("log")
+    names = {"kl": "KL divergence from float (nats/token)", "ppl": "perplexity", "top1": "top-1 agreement",
+             "bits_per_weight": "bits per weight", "disk_mb": "size on disk (MB)", "decode_tps": "decode (tokens/s)",
+             "prefill_tps": "prefill (tokens/s)"}
+    fig = pareto_plot(list(d[x]), list(d[y]), labels=list(d.index), xlabel=names.get(x, x.replace("_", " ")),
+                      ylabel=names.get(y, y.replace("_", " ")), title=f"{y} vs {x}", logy=logy)
     return fig
