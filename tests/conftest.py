@@ -6,6 +6,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # The CI run's output folder (scripts/test.sh sets it): executed notebooks, the built site, timings, screenshots.
 CI_OUT = Path(os.environ["EFFICIENTAI_CI_OUT"]).resolve() if os.environ.get("EFFICIENTAI_CI_OUT") else None
+# The same names as efficientai.notebooks.THREAD_VARS, not imported from there: importing efficientai loads the BLAS,
+# which must find these variables (and the CPU affinity) already set when pytest_configure pins an xdist worker.
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
