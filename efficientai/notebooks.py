@@ -154,8 +154,9 @@ _CHILD = ("import json, sys; from efficientai.notebooks import execute_notebook;
           "r = execute_notebook(*sys.argv[1:3], json.loads(sys.argv[3]), sys.argv[4], name=sys.argv[5]); "
           "sys.exit(0 if r.ok else 1)")
 
-def _start(nb: Path, dest: Path, name: str, params: dict, source: str, cpus: list[int] | None, jobs: int, log: Path):
-    env = dict(os.environ)
+def _start(nb: Path, dest: Path, name: str, params: dict, source: str, cpus: list[int] | None, jobs: int, log: Path,
+           wait: Path):
+    env = {**os.environ, "EFFICIENTAI_WAIT_FILE": str(wait)}   # exists while the child waits for another's zoo build
     if jobs > 1:
         env.update({v: str(len(cpus) if cpus else 1) for v in THREAD_VARS})
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus and jobs > 1 else None
@@ -164,7 +165,19 @@ def _start(nb: Path, dest: Path, name: str, params: dict, source: str, cpus: lis
         return subprocess.Popen([sys.executable, "-c", _CHILD, str(nb), str(dest), json.dumps(params), source, name],
                                 env=env, stdout=f, stderr=subprocess.STDOUT, preexec_fn=pin)
 
-# %% ../nbs/00_foundation/08_notebooks.ipynb #93d9fb6d
+# %% ../nbs/00_foundation/08_notebooks.ipynb #341abf1a
+@dataclass
+class _Running:
+    "A notebook process of `run_notebooks`, in its CPU slot."
+    slot: int
+    proc: subprocess.Popen
+    nb: Path
+    dest: Path
+    log: Path
+    wait: Path           # exists while the process waits for another process's zoo build (efficientai.zoo.cache)
+    t0: float
+    def waiting(self) -> bool: return self.wait.exists()
+
 def run_notebooks(notebooks: list[Path], out: Path | str, nbs: Path | str, jobs: int = 1, quick: bool = True,
                   hints: dict[str, float] | None = None) -> list[NotebookRun]:
     "Execute each notebook once in its own process, `jobs` at a time, into `out` (mirroring `nbs`); records in `out/notebooks.json`."
@@ -177,20 +190,23 @@ def run_notebooks(notebooks: list[Path], out: Path | str, nbs: Path | str, jobs:
         plan.append((Path(nb).resolve(), out / rel, params, str(pfile.relative_to(nbs.parent)) if pfile else "notebook defaults"))
     hints = hints or {}
     plan.sort(key=lambda p: -hints.get(p[1].relative_to(out).as_posix(), 0))
-    slots, running, records = _cpu_slots(jobs), {}, []
+    slots, running, records = _cpu_slots(jobs), [], []
     bar = tqdm(total=len(plan), desc="notebooks", unit="nb", disable=None)   # a line per notebook where no terminal
     while plan or running:
-        for slot in [s for s in range(len(slots)) if s not in running]:
-            if not plan: break
-            nb, dest, params, source = plan.pop(0)
-            log = out / "_logs" / dest.relative_to(out).with_suffix(".log")
-            name = dest.relative_to(out).as_posix()
-            running[slot] = (_start(nb, dest, name, params, source, slots[slot], len(slots), log), nb, dest, log, time.time())
+        for slot in range(len(slots)):
+            here = [r for r in running if r.slot == slot]
+            # a slot takes the next notebook when it is empty, or (once) while its notebook waits for a zoo build
+            if plan and len(here) < 2 and all(r.waiting() for r in here):
+                nb, dest, params, source = plan.pop(0)
+                name = dest.relative_to(out).as_posix()
+                log = out / "_logs" / dest.relative_to(out).with_suffix(".log")
+                wait = log.with_suffix(".wait"); wait.unlink(missing_ok=True)
+                proc = _start(nb, dest, name, params, source, slots[slot], len(slots), log, wait)
+                running.append(_Running(slot, proc, nb, dest, log, wait, time.time()))
         time.sleep(0.2)
-        for slot, (proc, nb, dest, log, t0) in list(running.items()):
-            if proc.poll() is None: continue
-            del running[slot]
-            rec = _record(nb, dest, out, log, time.time() - t0, proc.returncode)
+        for r in [r for r in running if r.proc.poll() is not None]:
+            running.remove(r)
+            rec = _record(r.nb, r.dest, out, r.log, time.time() - r.t0, r.proc.returncode)
             records.append(rec)
             bar.update(1)
             bar.write(f"{'ok    ' if rec.ok else 'FAILED'} {rec.seconds:7.1f} s  {rec.name}")
@@ -232,7 +248,7 @@ def _record(nb: Path, dest: Path, out: Path, log: Path, seconds: float, returnco
     return NotebookRun(str(nb), str(dest), dest.relative_to(out).as_posix(), round(seconds, 1), False,
                        error=f"process exited {returncode}:\n{tail}")
 
-# %% ../nbs/00_foundation/08_notebooks.ipynb #5d8659c0
+# %% ../nbs/00_foundation/08_notebooks.ipynb #013fdb4b
 def slowest_table(out: Path | str, n: int = 15) -> str:
     "A Markdown table of the `n` slowest notebooks and tests recorded in `out`, with the totals."
     out, rows = Path(out), []

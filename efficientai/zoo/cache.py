@@ -162,9 +162,19 @@ def _build_lock(dest: Path):
     lock = dest.parent.parent / ".locks" / f"{dest.parent.name}-{dest.name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:              # another process is building it: say we're waiting, then wait
+            _waiting(True)
+            try: fcntl.flock(f, fcntl.LOCK_EX)
+            finally: _waiting(False)
         try: yield
         finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+def _waiting(on: bool) -> None:
+    "While this process waits for another's build, the file `$EFFICIENTAI_WAIT_FILE` exists (a scheduler reads it)."
+    if f := os.environ.get("EFFICIENTAI_WAIT_FILE"):
+        if on: Path(f).touch()
+        else: Path(f).unlink(missing_ok=True)
 
 def fetch_entry(entry: ZooEntry, *, force: bool = False, root: Path | None = None) -> Path:
     "Build `entry` into the cache unless it is already there, intact and (per `entry.current`) current; its folder."
