@@ -51,6 +51,7 @@ def process_notebook(nb_path: Path | str, root: Path | None = None):
     import nbformat
     from fastcore.nbio import read_nb
     from nbdev.processors import FilterDefaults
+    from efficientai.notebooks import plain_notebook
     root = project_root(root)
     nb = read_nb(nb_path)
     cwd = os.getcwd()
@@ -60,12 +61,7 @@ def process_notebook(nb_path: Path | str, root: Path | None = None):
     except Exception as e: raise DocsError(f"nbdev could not process it: {e}", where=nb_path) from None
     finally: os.chdir(cwd)
     for c in nb.cells: c.get("metadata", {}).pop("execution", None)   # execnb's timings: numbers where nbformat wants text
-    return nbformat.from_dict(json.loads(json.dumps(_plain(nb))))
-
-def _plain(o):
-    if isinstance(o, dict): return {k: _plain(v) for k, v in o.items() if not k.endswith("_")}
-    if isinstance(o, list): return [_plain(v) for v in o]
-    return o
+    return nbformat.from_dict(json.loads(json.dumps(plain_notebook(nb))))
 
 _DIRECTIVE = re.compile(r"^\s*#\|\s*([\w-]+)\s*:?\s*(.*?)\s*$")
 

@@ -17,7 +17,7 @@ from .io import atomic_write, atomic_write_json
 
 # %% auto #0
 __all__ = ['THREAD_VARS', 'NotebookError', 'course_notebooks', 'notebook_parameters', 'quick_parameters', 'NotebookRun',
-           'execute_notebook', 'run_notebooks', 'read_hints', 'slowest_table']
+           'execute_notebook', 'plain_notebook', 'run_notebooks', 'read_hints', 'slowest_table']
 
 # %% ../nbs/00_foundation/08_notebooks.ipynb #bac1efeb
 class NotebookError(ToolkitError):
@@ -132,14 +132,14 @@ def execute_notebook(src: Path | str, dest: Path | str, parameters: dict | None 
             c.metadata["efficientai"] = {"seconds": round(c.metadata.pop("execution").get("total", 0.0), 3)}
     nb.metadata["efficientai"] = {**asdict(run), "executed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                   "machine": _machine()}
-    out = json.loads(nbformat.writes(nbformat.from_dict(_plain(nb))))
+    out = json.loads(nbformat.writes(nbformat.from_dict(plain_notebook(nb))))
     atomic_write(dest, json.dumps(out, indent=1, ensure_ascii=False) + "\n")
     return run
 
-def _plain(o):
-    "fastcore's AttrDict notebook as plain JSON data, without nbdev's parsed `directives_`."
-    if isinstance(o, dict): return {k: _plain(v) for k, v in o.items() if not k.endswith("_") or k == "execution_count"}
-    if isinstance(o, list): return [_plain(v) for v in o]
+def plain_notebook(o):
+    "fastcore's AttrDict notebook as plain JSON data, without nbdev's parsed attributes (`directives_`, ...)."
+    if isinstance(o, dict): return {k: plain_notebook(v) for k, v in o.items() if not k.endswith("_")}
+    if isinstance(o, list): return [plain_notebook(v) for v in o]
     return o
 
 # %% ../nbs/00_foundation/08_notebooks.ipynb #58fb8411
