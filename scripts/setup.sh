@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # System packages the toolkit uses on Debian/Ubuntu: an optimised BLAS that MLX can bind to, and the zoo's
 # offline data: Fashion-MNIST, colour emoji, the King James Bible, WordNet; plus $EFFICIENTAI_EXTRA_APT (test.sh: a browser).
-APT_PACKAGES="python3 ca-certificates libopenblas0-pthread dataset-fashion-mnist fonts-noto-color-emoji bible-kjv wordnet-base"
+APT_PACKAGES="python3 ca-certificates libopenblas0-pthread dataset-fashion-mnist fonts-noto-color-emoji bible-kjv wordnet-base unicode-cldr-core openclipart-svg librsvg2-bin"
 install_apt() {
   command -v apt-get >/dev/null 2>&1 || return 0
   local missing="" p

@@ -115,8 +115,31 @@ def check_instruct(path: Path, tok, parser, tmp: Path) -> None:
         if fmt != "text": assert 0 < s.offset < len(s.tokens), f"{path}:{s.line}: prompt not masked"
 
 
+def check_clip(path: Path, tok, parser, tmp: Path) -> None:
+    "`efficientai clip train -c path`: every value arrives, and the data it names loads."
+    from efficientai.cli import parse_args
+    from efficientai.clip.cli import pair_data
+    _assert_commented(path)
+    args = parse_args(parser, ["clip", "train", "-c", str(path)])
+    for key, value in yaml.safe_load(path.read_text()).items():
+        if value is not None: assert str(getattr(args, key.replace("-", "_"))) == str(value), key
+    assert isinstance(args.out, Path) and args.out.parts[0] == "runs", "outputs go to the git-ignored runs/"
+    assert len(pair_data(args.data, 32, "train")) > args.batch_size
+
+
+def check_captions(path: Path, tok, parser, tmp: Path) -> None:
+    "The sample caption folder loads through the toolkit's reader; each image is one of its files."
+    from efficientai.zoo.captions import load_caption_folder
+    folder = path.parent
+    cs = load_caption_folder(folder, 32)
+    images = sorted(p.name for p in folder.glob("*.png"))
+    assert sorted(cs.ids) == images and all(c.strip() for c in cs.captions)
+    assert path.name == "captions.jsonl" or path.name in images
+
+
 CHECKS = {"README.md": check_readme, "configs/lora.yaml": check_lora, "configs/quant.yaml": check_quant,
-          "configs/compress.yaml": check_compress}
+          "configs/compress.yaml": check_compress, "configs/clip.yaml": check_clip}
+CHECKS |= {f"captions/{p.name}": check_captions for p in (DATA / "captions").iterdir()}
 CHECKS |= {f"instruct/{fmt}/{split}.jsonl": check_instruct for fmt in FORMATS for split in SPLITS}
 
 

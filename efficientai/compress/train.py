@@ -106,8 +106,10 @@ def _resume(folder: Path, model: nn.Module, opt: optim.Optimizer, meta: dict) ->
 def fit(model: nn.Module, loss_fn: Callable[..., mx.array], batches: Iterator[tuple], *, steps: int, lr: float = 1e-4,
         warmup: int = 0, weight_decay: float = 0.0, grad_clip: float | None = 1.0,
         after_step: Callable[[nn.Module, int], None] | None = None, checkpoint: Path | str | None = None,
-        save_every: int = 50, desc: str = "train") -> FitResult:
-    "Train `model`'s trainable parameters on `loss_fn(model, *batch)` with AdamW and a warmup+cosine schedule; resumable."
+        save_every: int = 50, desc: str = "train",
+        grad_fn: Callable[..., tuple[mx.array, dict]] | None = None) -> FitResult:
+    """Train `model`'s trainable parameters on `loss_fn(model, *batch)` with AdamW and a warmup+cosine schedule; resumable.
+    `grad_fn(model, *batch) -> (loss, grads)` replaces the plain gradient (e.g. CLIP's gradient cache)."""
     if steps < 1: raise ConfigError("steps must be >= 1", key="steps", expected=">= 1", got=steps)
     if lr <= 0: raise ConfigError("lr must be > 0", key="lr", expected="> 0", got=lr)
     opt = optim.AdamW(learning_rate=schedule(lr, steps, warmup), weight_decay=weight_decay)
@@ -119,7 +121,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., mx.array], batches: Iterator[tu
         start = len(losses)
         for _ in range(start): next(batches)          # the batches the first run already used
         if after_step is not None and start: after_step(model, start)
-    value_and_grad = nn.value_and_grad(model, loss_fn)
+    value_and_grad = grad_fn or nn.value_and_grad(model, loss_fn)   # grad_fn(model, *batch) -> (loss, grads)
     t0 = time.perf_counter()
     model.train()
     with tqdm(total=steps, initial=start, desc=desc, leave=False) as bar:

@@ -17,6 +17,8 @@ from .minilm import MINILM
 from .text import KJV, WORDNET
 from .images import FASHION_MNIST, DIGITS, EMOJI
 from .instruct import KJV_CITE
+from .efficientnet import EFFICIENTNET_ENTRIES
+from .captions import EMOJI_CAPTIONS, CLIPART_CAPTIONS
 
 log = logging.getLogger("efficientai.zoo")
 
@@ -25,7 +27,8 @@ __all__ = ['log', 'ENTRIES', 'HUB_TWINS', 'entry', 'fetch', 'info', 'catalog', '
            'zoo_list', 'zoo_fetch', 'zoo_info']
 
 # %% ../../nbs/05_zoo/07_catalog.ipynb #e51efdfc
-ENTRIES: dict[str, ZooEntry] = {e.name: e for e in (*SMOLLM2_ENTRIES, MINILM, KJV, WORDNET, FASHION_MNIST, DIGITS, EMOJI, KJV_CITE)}
+ENTRIES: dict[str, ZooEntry] = {e.name: e for e in (*SMOLLM2_ENTRIES, MINILM, KJV, WORDNET, FASHION_MNIST, DIGITS, EMOJI, KJV_CITE,
+                                                   *EFFICIENTNET_ENTRIES, EMOJI_CAPTIONS, CLIPART_CAPTIONS)}
 
 HUB_TWINS: dict[str, str] = {
     "smollm2-135m-instruct": "mlx-community/SmolLM2-135M-Instruct",
