@@ -111,8 +111,7 @@ def clip_train(args) -> int:
                            accumulate=args.accumulate, lr=args.lr, loss=args.loss, mine=args.mine,
                            save_every=args.save_every, seed=args.seed)
     train = pair_data(args.data, args.image_size, "train")
-    held = {f"{args.data} test": pair_data(args.data, args.image_size, "test")} if "/" not in args.data and \
-        not Path(args.data).is_dir() else {}
+    held = {} if Path(args.data).is_dir() else {f"{args.data} test": pair_data(args.data, args.image_size, "test")}
     model = build_clip(cfg)
     zs = [fashion_zero_shot(1000)]
     before = evaluate_clip(model, held, zs, name="before")

@@ -24,9 +24,9 @@ from ..zoo.images import fashion_mnist, digits, FASHION_MNIST_CLASSES
 from .losses import hard_negative_batches
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'FASHION_CLASSES', 'DIGIT_CLASSES', 'DIGIT_TEMPLATES', 'PairData', 'pairs_from_captions', 'concat_pairs',
-           'pair_batches', 'features_cache_dir', 'image_features', 'text_features', 'ZeroShotSet', 'fashion_zero_shot',
-           'digits_zero_shot']
+__all__ = ['FROZEN_BY_RECIPE', 'TEMPLATES', 'FASHION_CLASSES', 'DIGIT_CLASSES', 'DIGIT_TEMPLATES', 'PairData',
+           'pairs_from_captions', 'concat_pairs', 'pair_batches', 'features_cache_dir', 'tower_is_pretrained',
+           'image_features', 'text_features', 'ZeroShotSet', 'fashion_zero_shot', 'digits_zero_shot']
 
 # %% ../../nbs/40_clip/02_data.ipynb #a1c90f47
 @dataclass(eq=False)
@@ -113,32 +113,53 @@ def _images_key(images: np.ndarray) -> str:
 def features_cache_dir() -> Path:
     return cache_root() / "clip-features"
 
-def image_features(model, images: np.ndarray, *, batch_size: int = 64, cache: bool = True,
-                   progress: bool | None = None) -> mx.array:
-    "The image tower's features (N, F) for uint8 images (N, H, W, 3), cached on disk by tower, size and pixels."
-    sha = model._sources.get("image", {}).get("sha256", "")
-    path = features_cache_dir() / f"{sha[:16]}-{model.config.image_size}-{_images_key(images)}.npy"
-    if cache and sha and path.exists():
+def _cached(path: Path, compute, cache: bool) -> mx.array:
+    if cache and path.exists():
         try: return mx.array(np.load(path))
         except (OSError, ValueError): path.unlink(missing_ok=True)            # a damaged cache file: recompute
-    starts = range(0, len(images), batch_size)
-    out = []
-    for s in tqdm(starts, desc="image features", leave=False, disable=not (progress or (progress is None and len(starts) > 4))):
-        f = model.image(model.pixels(images[s:s + batch_size])); mx.eval(f); out.append(np.array(f))
-    feats = np.concatenate(out) if out else np.zeros((0, model.image.dim), np.float32)
-    if cache and sha:
+    feats = compute()
+    if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(path) as f: np.save(f, feats)
     return mx.array(feats)
 
-def text_features(model, texts: Sequence[str], *, batch_size: int = 256) -> mx.array:
-    "The text tower's features (N, 384) for `texts` (fast enough not to need a disk cache)."
-    out = []
-    for s in range(0, len(texts), batch_size):
-        f = model.text(*model.tokens(texts[s:s + batch_size])); mx.eval(f); out.append(f)
-    return mx.concatenate(out) if out else mx.zeros((0, model.text.dim))
+FROZEN_BY_RECIPE = {"image": ("heads", "lit"), "text": ("heads",)}
 
-# %% ../../nbs/40_clip/02_data.ipynb #5b6c7356
+def tower_is_pretrained(model, side: str) -> bool:
+    "Whether `model`'s image or text tower still computes exactly the pretrained function (its recipe froze it)."
+    return model.config.recipe in FROZEN_BY_RECIPE[side]
+
+def image_features(model, images: np.ndarray, *, batch_size: int = 64, cache: bool = True,
+                   progress: bool | None = None) -> mx.array:
+    """The image tower's features (N, F) for uint8 images (N, H, W, 3); cached on disk by tower, size and pixels while
+    the recipe keeps the tower frozen (a trained tower is run every time)."""
+    sha = model._sources.get("image", {}).get("sha256", "")
+    path = features_cache_dir() / f"image-{sha[:16]}-{model.config.image_size}-{_images_key(images)}.npy"
+    def compute():
+        starts = range(0, len(images), batch_size)
+        out = []
+        for s in tqdm(starts, desc="image features", leave=False,
+                      disable=not (progress or (progress is None and len(starts) > 4))):
+            f = model.image(model.pixels(images[s:s + batch_size])); mx.eval(f); out.append(np.array(f))
+        return np.concatenate(out) if out else np.zeros((0, model.image.dim), np.float32)
+    return _cached(path, compute, cache and bool(sha) and tower_is_pretrained(model, "image"))
+
+def text_features(model, texts: Sequence[str], *, batch_size: int = 256, cache: bool = True) -> mx.array:
+    "The text tower's features (N, 384) for `texts`; cached like `image_features` while the recipe freezes the tower."
+    texts = [str(t) for t in texts]
+    sha = model._sources.get("text", {}).get("sha256", "")
+    key = hashlib.sha1("\x00".join(texts).encode()).hexdigest()[:16]
+    path = features_cache_dir() / f"text-{sha[:16]}-{model.config.max_text_len}-{key}.npy"
+    def compute():
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))      # similar lengths: less padding
+        out = np.zeros((len(texts), model.text.dim), np.float32)
+        for s in range(0, len(texts), batch_size):
+            idx = order[s:s + batch_size]
+            f = model.text(*model.tokens([texts[i] for i in idx])); mx.eval(f); out[idx] = np.array(f)
+        return out
+    return _cached(path, compute, cache and bool(sha) and tower_is_pretrained(model, "text"))
+
+# %% ../../nbs/40_clip/02_data.ipynb #0e3b7502
 @dataclass(eq=False)
 class ZeroShotSet:
     "Labelled RGB images on white, with the class names prompts are built from."

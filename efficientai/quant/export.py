@@ -27,7 +27,7 @@ __all__ = ['LLAMA_TYPES', 'LLAMA_LINEARS', 'SUPPORTED', 'ONNX_OPSET', 'RMS_TAG',
            'rope_tables', 'OnnxGraph', 'onnx_dequantize', 'onnx_linear', 'onnx_embedding', 'onnx_tied_head',
            'onnx_rms_norm', 'onnx_llama', 'model_kind', 'onnx_classifier', 'export_onnx', 'onnx_metadata', 'check_onnx',
            'mil_linear', 'mil_rms_norm', 'mil_llama', 'mil_classifier', 'coreml_reference', 'export_coreml',
-           'package_mb', 'inspect_coreml', 'coreml_weight']
+           'save_mil_program', 'package_mb', 'inspect_coreml', 'coreml_weight']
 
 # %% ../../nbs/20_quantization/06_export.ipynb #8d6d27ee
 @dataclass
@@ -639,14 +639,30 @@ def export_coreml(model: nn.Module, path: Path | str, *, seq_len: int = 64, comp
     else:
         @program((batch, *model.config.input_shape), types.fp32)
         def prog(images): return mil_classifier(mb, model, images, quantized=keep)
+    return save_mil_program(prog, path, compression=None if keep else compression, precision=precision,
+                            palettize_mode=palettize_mode, block_size=block_size,
+                            metadata={"kind": kind, "compression": str(compression), "seq_len": str(seq_len)})
+
+def save_mil_program(prog, path: Path | str, *, compression: str | None = None, precision: str = "fp16",
+                     palettize_mode: str = "kmeans", block_size: int = 32, metadata: dict | None = None) -> Path:
+    """Convert a MIL program (built with coremltools' `Builder`) to an ML Program, compress its weights
+    (`compression`: None, 'int8', 'int4', 'palettize4', 'palettize6'), and save it atomically as `path` (.mlpackage).
+    `metadata` goes into the package as `efficientai.<key>`. Other chapters export their own graphs through this."""
+    import coremltools as ct
+    path = Path(path)
+    if path.suffix != ".mlpackage":
+        raise ConfigError("a Core ML ML Program is saved as a package", key="path", expected="*.mlpackage", got=str(path))
+    if compression not in (None, "int8", "int4", "palettize4", "palettize6"):
+        raise ConfigError("unknown Core ML compression", key="compression",
+                          expected="None, int8, int4, palettize4 or palettize6", got=compression)
     cp = (ct.transform.FP16ComputePrecision(op_selector=lambda op: RMS_TAG not in op.name) if precision == "fp16"
           else ct.precision.FLOAT32)
     mlmodel = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18, compute_precision=cp)
-    if compression not in (None, "mlx"):
+    if compression is not None:
         cfg, compress = _coreml_config(compression, palettize_mode, block_size)
         mlmodel = compress(mlmodel, cfg)
-    mlmodel.user_defined_metadata.update({"efficientai.kind": kind, "efficientai.compression": str(compression),
-                                          "efficientai.precision": precision, "efficientai.seq_len": str(seq_len)})
+    mlmodel.user_defined_metadata.update({"efficientai.precision": precision,
+                                          **{f"efficientai.{k}": str(v) for k, v in (metadata or {}).items()}})
     with atomic_dir(path) as tmp:
         staged = tmp / "model.mlpackage"             # coremltools wants the .mlpackage suffix
         mlmodel.save(str(staged))
