@@ -19,6 +19,7 @@ from mlx.utils import tree_map, tree_flatten
 
 from ..errors import ConfigError
 from ..config import load_dataclass
+from ..io import atomic_write_json
 from ..compress.train import fit, FitResult
 from .losses import contrastive_loss, clamp_log_scale, LOSSES
 from .model import CLIP, save_clip, trainable_count
@@ -166,6 +167,19 @@ class ClipTrainResult:
                 "steps": self.fit.steps, "final loss": round(self.fit.final_loss, 4), "trainable": self.trainable,
                 "pairs/s": round(self.pairs_per_second, 1), "peak MB": round(self.peak_memory_mb, 1)}
 
+def _check_same_run(checkpoint: Path, model: CLIP, cfg: ClipTrainConfig, data: PairData) -> None:
+    "A checkpoint resumes only the run that made it: same settings, recipe and data (recorded beside the folder)."
+    record = checkpoint.with_name(checkpoint.name + ".json")
+    now = {**{k: v for k, v in asdict(cfg).items() if k != "save_every"}, "recipe": model.config.recipe,
+           "model": asdict(model.config), "data": data.name, "pairs": len(data)}
+    if record.exists() and (checkpoint / "state.json").exists():
+        before = json.loads(record.read_text())
+        for k in now:
+            if before.get(k) != now[k]:
+                raise ConfigError("the checkpoint belongs to a different run", file=record, key=k, expected=before.get(k),
+                                  got=now[k], hint="use the same settings to resume, or another output folder")
+    else: atomic_write_json(record, now)
+
 def train_clip(model: CLIP, data: PairData, cfg: ClipTrainConfig | None = None, *, checkpoint: Path | str | None = None,
                out: Path | str | None = None, progress: bool | None = None, **overrides) -> ClipTrainResult:
     "Train `model` (its recipe decides what) on `data`; resumable from `checkpoint`; saved to `out` when given."
@@ -174,6 +188,7 @@ def train_clip(model: CLIP, data: PairData, cfg: ClipTrainConfig | None = None, 
     if cfg.batch_size > len(data):
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the data ({len(data)} pairs)", key="batch_size",
                           expected=f"<= {len(data)}", got=cfg.batch_size)
+    if checkpoint is not None: _check_same_run(Path(checkpoint), model, cfg, data)
     t0 = time.perf_counter()
     inp = frozen_inputs(model, data, progress=progress)
     mine = np.array(text_features(model, data.captions)) if cfg.mine else None

@@ -413,7 +413,7 @@ def _cnn_name(cfg: CNNConfig, epochs: int, lr: float, batch_size: int) -> str:
     return (f"fashion-mnist-cnn-c{'x'.join(map(str, cfg.channels))}-k{cfg.kernel_size}-h{cfg.hidden}"
             f"-e{epochs}-lr{lr:g}-b{batch_size}-s{cfg.seed}")
 
-def fashion_teacher_entry(cfg: CNNConfig = FASHION_TEACHER, *, epochs: int = 4, lr: float = 2e-3,
+def fashion_teacher_entry(cfg: CNNConfig = FASHION_TEACHER, *, epochs: int = 2, lr: float = 2e-3,
                           batch_size: int = 128) -> ZooEntry:
     "The zoo entry of a CNN teacher trained on Fashion-MNIST's 60k training images (`build` trains it with `fit`)."
     from efficientai.compress.train import classifier_batches
@@ -450,7 +450,7 @@ def load_teacher(folder: Path | str) -> Teacher:
     mx.eval(model.parameters()); model.eval()
     return Teacher(model, logits, info)
 
-def fashion_teacher(cfg: CNNConfig = FASHION_TEACHER, *, epochs: int = 4, lr: float = 2e-3, batch_size: int = 128,
+def fashion_teacher(cfg: CNNConfig = FASHION_TEACHER, *, epochs: int = 2, lr: float = 2e-3, batch_size: int = 128,
                     force: bool = False) -> Teacher:
     "The Fashion-MNIST CNN teacher of these settings: trained into the zoo cache on first use, loaded after."
     return load_teacher(fetch_entry(fashion_teacher_entry(cfg, epochs=epochs, lr=lr, batch_size=batch_size), force=force))
