@@ -246,7 +246,9 @@ def set_recipe(model: CLIP, recipe: str) -> CLIP:
     model.freeze()
     model.unfreeze(keys=["log_scale", "bias"], recurse=False)
     model.image_proj.unfreeze(); model.text_proj.unfreeze()
-    if recipe == "full": model.image.unfreeze(); model.text.unfreeze()
+    if recipe == "full":
+        model.image.unfreeze(); model.text.unfreeze()
+        model.image.net.fc.freeze()             # the ImageNet classifier is not part of the tower: it never trains
     else:
         for tower in (model.text, model.image):
             for _, m in tower.named_modules():
