@@ -136,9 +136,11 @@ def step_gradient(model: CLIP, cfg: ClipTrainConfig) -> Callable:
     def cached(m, xi, xt):
         n, c = _size(xi), cfg.chunk_size
         parts = [slice(s, min(s + c, n)) for s in range(0, n, c)]
-        zi = mx.concatenate([mx.stop_gradient(m.embed_images(_slice(xi, p))) for p in parts])   # 1. embed, no graph
-        zt = mx.concatenate([mx.stop_gradient(m.embed_texts(_slice(xt, p))) for p in parts])
-        mx.eval(zi, zt)
+        zs = []
+        for p in parts:                                                                        # 1. embed, no graph,
+            z = (mx.stop_gradient(m.embed_images(_slice(xi, p))), mx.stop_gradient(m.embed_texts(_slice(xt, p))))
+            mx.eval(z); zs.append(z)                                                           #    a chunk at a time
+        zi, zt = mx.concatenate([z[0] for z in zs]), mx.concatenate([z[1] for z in zs])
         loss, (gi, gt, gs, gb) = loss_and_dz(zi, zt, m.log_scale, m.bias)                     # 2. loss on all n
         grads = None
         for p in parts:                                                                        # 3. chunk by chunk
