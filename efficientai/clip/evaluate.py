@@ -96,12 +96,12 @@ def similarity_figure(model, images: np.ndarray, texts: Sequence[str], title: st
     n = len(images)
     with plt.rc_context(style()):
         fig, ax = plt.subplots(figsize=(2.2 + 0.45 * len(texts), 1.2 + 0.45 * n))
-        im = ax.imshow(sim, cmap="viridis")
+        im = ax.imshow(sim, cmap="viridis", aspect="auto", extent=(-0.5, len(texts) - 0.5, n - 0.5, -0.5))
         ax.set_xticks(range(len(texts)), [t[:18] for t in texts], rotation=60, ha="right", fontsize=8)
         ax.set_yticks([])
-        for i in range(n):
-            ax.imshow(images[i], extent=(-1.5, -0.55, i + 0.45, i - 0.45))
-        ax.set_xlim(-1.6, len(texts) - 0.5)
+        for i in range(n):                                  # each image at the start of its row
+            ax.imshow(images[i], extent=(-1.5, -0.55, i + 0.45, i - 0.45), aspect="auto")
+        ax.set_xlim(-1.6, len(texts) - 0.5); ax.set_ylim(n - 0.5, -0.5)   # imshow resets the limits: set them last
         fig.colorbar(im, ax=ax, label="cosine similarity", fraction=0.04)
         ax.set_title(title)
         fig.tight_layout()
