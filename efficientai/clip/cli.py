@@ -16,26 +16,27 @@ from ..cli import command, add_run_config
 from ..errors import ConfigError, DataError
 
 # %% auto #0
-__all__ = ['IMAGE_SUFFIXES', 'read_images', 'pair_data', 'clip_train', 'clip_eval', 'clip_embed', 'clip_search']
+__all__ = ['IMAGE_SUFFIXES', 'read_image', 'read_images', 'pair_data', 'clip_train', 'clip_eval', 'clip_embed', 'clip_search']
 
-# %% ../../nbs/40_clip/07_cli.ipynb #57700acb
+# %% ../../nbs/40_clip/07_cli.ipynb #9c355e73
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    "One image file fitted on white at size×size; an unreadable one is a `DataError` naming it."
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    from efficientai.zoo.captions import fit_on_white
+    try:
+        with Image.open(path) as im: return fit_on_white(ImageOps.exif_transpose(im), size)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"unreadable image: {e}", where=path, hint="re-save it as PNG or JPEG, or move it out") from None
 
 def read_images(folder: Path | str, size: int) -> tuple[np.ndarray, list[Path]]:
     "Every image file under `folder` (sorted), fitted on white at size×size; an unreadable one names its file."
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    from efficientai.zoo.captions import fit_on_white
     folder = Path(folder)
     if not folder.is_dir(): raise DataError("not a folder of images", where=folder)
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths: raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the folder", where=folder)
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as im: out.append(fit_on_white(ImageOps.exif_transpose(im), size))
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            raise DataError(f"unreadable image: {e}", where=p, hint="re-save it as PNG or JPEG, or move it out") from None
-    return np.stack(out), paths
+    return np.stack([read_image(p, size) for p in paths]), paths
 
 def pair_data(spec: str, size: int, split: str | None = "train"):
     "`emoji`, `clipart`, `emoji+clipart` (a split of the zoo's sets), or a caption folder (all of it)."
@@ -171,12 +172,7 @@ def clip_search(args) -> int:
         print(_table([{"rank": r + 1, "image": str(paths[i]), "similarity": float(sim[i])} for r, i in enumerate(order)]))
         return 0
     if args.texts is None: raise ConfigError("--image needs --texts (the candidate texts, one per line)", key="--texts")
-    from PIL import Image, UnidentifiedImageError
-    from efficientai.zoo.captions import fit_on_white
-    try:
-        with Image.open(args.image) as im: img = fit_on_white(im, model.config.image_size)[None]
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"unreadable image: {e}", where=args.image) from None
+    img = read_image(args.image, model.config.image_size)[None]
     texts = _texts(args.texts)
     sim = np.array(model.encode_text(texts) @ model.encode_image(img).T)[:, 0]
     order = np.argsort(-sim)[:args.k]

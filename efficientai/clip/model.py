@@ -172,8 +172,7 @@ def load_towers(config: CLIPConfig) -> tuple[ImageTower, TextTower, object, dict
 
 def build_clip(config: CLIPConfig | None = None, **overrides) -> CLIP:
     "A fresh CLIP model: pretrained towers, new heads, recipe applied (what trains is unfrozen)."
-    config = config or CLIPConfig(**overrides)
-    if overrides and config is not None: config = CLIPConfig(**{**asdict(config), **overrides})
+    config = CLIPConfig(**{**(asdict(config) if config else {}), **overrides})
     image, text, tok, sources = load_towers(config)
     model = CLIP(config, image, text, tok, sources)
     set_recipe(model, config.recipe)

@@ -110,8 +110,7 @@ def loss_of(model: CLIP, cfg: ClipTrainConfig) -> Callable:
 
 def step_gradient(model: CLIP, cfg: ClipTrainConfig) -> Callable:
     "`g(model, image input, text input) -> (loss, grads)` for the run's batching mode."
-    f = loss_of(model, cfg)
-    plain = nn.value_and_grad(model, f)
+    plain = nn.value_and_grad(model, loss_of(model, cfg))
     lf = contrastive_loss(cfg.loss or model.config.loss, beta=cfg.beta)
     if cfg.accumulate > 1:
         def accumulated(m, xi, xt):
@@ -130,8 +129,7 @@ def step_gradient(model: CLIP, cfg: ClipTrainConfig) -> Callable:
     def chunk_objective(m, xi, xt, gi, gt):      # its gradient is the chunk's share of the full-batch gradient
         return (m.embed_images(xi) * gi).sum() + (m.embed_texts(xt) * gt).sum()
     chunk_grad = nn.value_and_grad(model, chunk_objective)
-    def embedding_loss(zi, zt, s, b): return lf(zi, zt, s, b)
-    loss_and_dz = mx.value_and_grad(embedding_loss, argnums=(0, 1, 2, 3))
+    loss_and_dz = mx.value_and_grad(lf, argnums=(0, 1, 2, 3))
 
     def cached(m, xi, xt):
         n, c = _size(xi), cfg.chunk_size
@@ -185,8 +183,7 @@ def _check_same_run(checkpoint: Path, model: CLIP, cfg: ClipTrainConfig, data: P
 def train_clip(model: CLIP, data: PairData, cfg: ClipTrainConfig | None = None, *, checkpoint: Path | str | None = None,
                out: Path | str | None = None, progress: bool | None = None, **overrides) -> ClipTrainResult:
     "Train `model` (its recipe decides what) on `data`; resumable from `checkpoint`; saved to `out` when given."
-    cfg = cfg or ClipTrainConfig(**overrides)
-    if overrides and cfg is not None: cfg = ClipTrainConfig(**{**asdict(cfg), **overrides})
+    cfg = ClipTrainConfig(**{**(asdict(cfg) if cfg else {}), **overrides})
     if cfg.batch_size > len(data):
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the data ({len(data)} pairs)", key="batch_size",
                           expected=f"<= {len(data)}", got=cfg.batch_size)
