@@ -11,9 +11,9 @@ from dataclasses import dataclass, asdict, field
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['log', 'blas_status', 'find_fast_blas', 'BlasStatus', 'preload_fast_blas', 'BackendInfo', 'mlx_backend',
-           'backend_info', 'use_device', 'matmul_gflops', 'plain_mlx_matmul_times', 'plain_mlx_matmul_gflops',
-           'install_kernel']
+__all__ = ['log', 'blas_status', 'ALLOCATOR_SETTINGS', 'allocator_status', 'find_fast_blas', 'BlasStatus', 'preload_fast_blas',
+           'AllocatorStatus', 'tune_allocator', 'BackendInfo', 'mlx_backend', 'backend_info', 'use_device',
+           'matmul_gflops', 'plain_mlx_matmul_times', 'plain_mlx_matmul_gflops', 'install_kernel']
 
 # %% ../nbs/00_foundation/01_backend.ipynb #b16f1bcc
 log = logging.getLogger("efficientai.backend")
@@ -85,6 +85,44 @@ def preload_fast_blas() -> BlasStatus:
     return st
 
 blas_status = preload_fast_blas()
+
+# %% ../nbs/00_foundation/01_backend.ipynb #6589e3b6
+ALLOCATOR_SETTINGS = {"M_MMAP_THRESHOLD": 32 << 20, "M_TOP_PAD": 256 << 20, "M_TRIM_THRESHOLD": 1 << 30}
+_MALLOPT_CODES = {"M_TRIM_THRESHOLD": -1, "M_TOP_PAD": -2, "M_MMAP_THRESHOLD": -3}    # glibc's malloc.h
+_GLIBC_ENV = {"M_MMAP_THRESHOLD": "MALLOC_MMAP_THRESHOLD_", "M_TOP_PAD": "MALLOC_TOP_PAD_",
+              "M_TRIM_THRESHOLD": "MALLOC_TRIM_THRESHOLD_"}
+
+@dataclass
+class AllocatorStatus:
+    "What `tune_allocator` did to glibc's malloc in this process."
+    how: str                                        # tuned | environment | disabled | native | failed
+    settings: dict = field(default_factory=dict)    # the mallopt parameters this process set
+    message: str = ""
+
+def tune_allocator() -> AllocatorStatus:
+    "Make glibc keep freed buffers for reuse instead of returning them to the kernel (Linux, once per process)."
+    global _ALLOCATOR
+    if _ALLOCATOR is not None: return _ALLOCATOR
+    env = os.environ.get("EFFICIENTAI_MALLOC", "").strip().lower()
+    user = [v for v in _GLIBC_ENV.values() if v in os.environ]
+    if env in ("off", "0", "none", "false"): st = AllocatorStatus("disabled", message="EFFICIENTAI_MALLOC=off")
+    elif sys.platform != "linux": st = AllocatorStatus("native", message="not Linux: the system allocator is left as it is")
+    elif user: st = AllocatorStatus("environment", message=f"left to the environment's {', '.join(user)}")
+    else:
+        try: mallopt = ctypes.CDLL(None).mallopt
+        except (OSError, AttributeError): mallopt = None
+        if mallopt is None: st = AllocatorStatus("failed", message="this C library has no mallopt")
+        else:
+            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+            done = {k: v for k, v in ALLOCATOR_SETTINGS.items() if mallopt(_MALLOPT_CODES[k], v) == 1}
+            st = (AllocatorStatus("tuned", done, "freed buffers up to 32 MB are reused, not returned to the kernel")
+                  if len(done) == len(ALLOCATOR_SETTINGS) else
+                  AllocatorStatus("failed", done, "mallopt refused " + ", ".join(sorted(set(ALLOCATOR_SETTINGS) - set(done)))))
+    _ALLOCATOR = st
+    return st
+
+_ALLOCATOR: AllocatorStatus | None = None
+allocator_status = tune_allocator()
 
 # %% ../nbs/00_foundation/01_backend.ipynb #f105c6bc
 @dataclass
