@@ -105,23 +105,48 @@ def pair_batches(data: PairData, batch_size: int, *, seed: int = 0, main_caption
         yield idx, texts
 
 # %% ../../nbs/40_clip/02_data.ipynb #f031874f
-def _images_key(images: np.ndarray) -> str:
-    h = hashlib.sha1(str(images.shape).encode())
-    h.update(np.ascontiguousarray(images).data)
-    return h.hexdigest()[:16]
-
 def features_cache_dir() -> Path:
     return cache_root() / "clip-features"
 
-def _cached(path: Path, compute, cache: bool) -> mx.array:
-    if cache and path.exists():
-        try: return mx.array(np.load(path))
-        except (OSError, ValueError): path.unlink(missing_ok=True)            # a damaged cache file: recompute
-    feats = compute()
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as f: np.save(f, feats)
-    return mx.array(feats)
+def _image_keys(images: np.ndarray) -> list[str]:
+    "One key per image: a hash of its shape and pixels."
+    return [hashlib.sha1(str(im.shape).encode() + np.ascontiguousarray(im).tobytes()).hexdigest() for im in images]
+
+def _text_keys(texts: Sequence[str]) -> list[str]:
+    return [hashlib.sha1(t.encode()).hexdigest() for t in texts]
+
+_KNOWN: dict[Path, tuple[set, dict]] = {}       # folder -> (shard files read, {key: feature row}), for this process
+
+def _known_rows(folder: Path) -> dict:
+    "Every feature row cached in `folder`'s shards (new shards, from this or another process, are read as they appear)."
+    seen, rows = _KNOWN.setdefault(folder, (set(), {}))
+    for shard in sorted(folder.glob("*.npz")) if folder.is_dir() else ():
+        if shard.name in seen: continue
+        try:
+            with np.load(shard) as z: keys, feats = z["keys"], z["feats"]
+            if len(keys) != len(feats): raise ValueError("keys and features differ in length")
+        except (OSError, ValueError, KeyError, EOFError):        # a damaged shard: drop it, its rows are recomputed
+            shard.unlink(missing_ok=True); continue
+        rows.update(zip(keys.astype(str).tolist(), feats)); seen.add(shard.name)
+    return rows
+
+def _cached_rows(folder: Path, keys: list[str], compute, dim: int, cache: bool) -> mx.array:
+    """Features for `keys`, one row each: rows already in `folder`'s shards are read, the others computed once
+    (`compute(indices) -> (len(indices), dim)`) and written as a new shard, atomically."""
+    if not cache: return mx.array(compute(list(range(len(keys)))) if keys else np.zeros((0, dim), np.float32))
+    rows = _known_rows(folder)
+    first = {}
+    for i, k in enumerate(keys):
+        if k not in rows: first.setdefault(k, i)
+    if first:
+        todo = list(first.values())
+        feats = np.asarray(compute(todo), np.float32)
+        folder.mkdir(parents=True, exist_ok=True)
+        new_keys = np.array(list(first), dtype="S40")
+        shard = folder / f"{hashlib.sha1(new_keys.tobytes()).hexdigest()[:16]}.npz"
+        with atomic_file(shard) as f: np.savez(f, keys=new_keys, feats=feats)
+        rows.update(zip(first, feats)); _KNOWN[folder][0].add(shard.name)
+    return mx.array(np.stack([rows[k] for k in keys]) if keys else np.zeros((0, dim), np.float32))
 
 FROZEN_BY_RECIPE = {"image": ("heads", "lit"), "text": ("heads",)}
 
@@ -134,30 +159,31 @@ def image_features(model, images: np.ndarray, *, batch_size: int = 64, cache: bo
     """The image tower's features (N, F) for uint8 images (N, H, W, 3); cached on disk by tower, size and pixels while
     the recipe keeps the tower frozen (a trained tower is run every time)."""
     sha = model._sources.get("image", {}).get("sha256", "")
-    path = features_cache_dir() / f"image-{sha[:16]}-{model.config.image_size}-{_images_key(images)}.npy"
-    def compute():
-        starts = range(0, len(images), batch_size)
+    def compute(idx):
+        starts = range(0, len(idx), batch_size)
         out = []
         for s in tqdm(starts, desc="image features", leave=False,
                       disable=not (progress or (progress is None and len(starts) > 4))):
-            f = model.image(model.pixels(images[s:s + batch_size])); mx.eval(f); out.append(np.array(f))
+            f = model.image(model.pixels(images[idx[s:s + batch_size]])); mx.eval(f); out.append(np.array(f))
         return np.concatenate(out) if out else np.zeros((0, model.image.dim), np.float32)
-    return _cached(path, compute, cache and bool(sha) and tower_is_pretrained(model, "image"))
+    cache = cache and bool(sha) and tower_is_pretrained(model, "image")
+    return _cached_rows(features_cache_dir() / f"image-{sha[:16]}-{model.config.image_size}",
+                        _image_keys(images) if cache else [""] * len(images), compute, model.image.dim, cache)
 
 def text_features(model, texts: Sequence[str], *, batch_size: int = 256, cache: bool = True) -> mx.array:
     "The text tower's features (N, 384) for `texts`; cached like `image_features` while the recipe freezes the tower."
     texts = [str(t) for t in texts]
     sha = model._sources.get("text", {}).get("sha256", "")
-    key = hashlib.sha1("\x00".join(texts).encode()).hexdigest()[:16]
-    path = features_cache_dir() / f"text-{sha[:16]}-{model.config.max_text_len}-{key}.npy"
-    def compute():
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))      # similar lengths: less padding
-        out = np.zeros((len(texts), model.text.dim), np.float32)
-        for s in range(0, len(texts), batch_size):
-            idx = order[s:s + batch_size]
-            f = model.text(*model.tokens([texts[i] for i in idx])); mx.eval(f); out[idx] = np.array(f)
+    def compute(idx):
+        order = sorted(range(len(idx)), key=lambda j: len(texts[idx[j]]))  # similar lengths: less padding
+        out = np.zeros((len(idx), model.text.dim), np.float32)
+        for s in range(0, len(order), batch_size):
+            js = order[s:s + batch_size]
+            f = model.text(*model.tokens([texts[idx[j]] for j in js])); mx.eval(f); out[js] = np.array(f)
         return out
-    return _cached(path, compute, cache and bool(sha) and tower_is_pretrained(model, "text"))
+    cache = cache and bool(sha) and tower_is_pretrained(model, "text")
+    return _cached_rows(features_cache_dir() / f"text-{sha[:16]}-{model.config.max_text_len}",
+                        _text_keys(texts) if cache else [""] * len(texts), compute, model.text.dim, cache)
 
 # %% ../../nbs/40_clip/02_data.ipynb #0e3b7502
 @dataclass(eq=False)

@@ -16,7 +16,7 @@ import mlx.core as mx
 from ..errors import DataError
 from ..zoo.minilm import l2_normalize
 from ..plotting import style
-from .data import ZeroShotSet, PairData, image_features
+from .data import ZeroShotSet, PairData, image_features, text_features
 
 # %% auto #0
 __all__ = ['recall_at_k', 'retrieval', 'class_embeddings', 'zero_shot', 'template_table', 'linear_probe', 'evaluate_clip',
@@ -45,7 +45,7 @@ def retrieval(img: mx.array, txt: mx.array, ks: Sequence[int] = (1, 5, 10)) -> d
 def class_embeddings(model, classes: Sequence[str], templates: Sequence[str]) -> mx.array:
     "One unit vector per class: the normalised mean of its template embeddings (a prompt ensemble)."
     texts = [t.format(c) for c in classes for t in templates]
-    e = model.encode_text(texts).reshape(len(classes), len(templates), -1)
+    e = model.embed_texts(text_features(model, texts)).reshape(len(classes), len(templates), -1)   # cached while frozen
     return l2_normalize(e.mean(axis=1))
 
 def zero_shot(model, zs: ZeroShotSet, *, templates: Sequence[str] | None = None, features: mx.array | None = None
@@ -82,7 +82,7 @@ def evaluate_clip(model, pairs: dict[str, PairData] | None = None, zero_shot_set
     row = {"model": name}
     for pname, p in (pairs or {}).items():
         feats = image_features(model, p.images, progress=False)
-        r = retrieval(model.embed_images(feats), model.encode_text(p.captions))
+        r = retrieval(model.embed_images(feats), model.embed_texts(text_features(model, p.captions)))
         row.update({f"{pname} {k}": v for k, v in r.items()})
     for zs in zero_shot_sets:
         feats = image_features(model, zs.images, progress=False)
