@@ -15,9 +15,9 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm.auto import tqdm
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, ModelLoadingError
 from ..io import atomic_dir, atomic_write_json
 
 # %% auto #0
@@ -66,6 +66,7 @@ class FitResult:
     steps: int = 0
     resumed_from: int = 0
     seconds: float = 0.0
+    ema: dict | None = None                  # the moving average of the trainable weights, when fit kept one
 
     @property
     def final_loss(self) -> float:
@@ -84,10 +85,12 @@ def _fingerprint(model: nn.Module, **settings) -> dict:
     return {"parameters": hashlib.sha1(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16],
             "n_parameters": len(shapes), **settings}
 
-def _save(folder: Path, model: nn.Module, opt: optim.Optimizer, meta: dict, losses: list[float]) -> None:
+def _save(folder: Path, model: nn.Module, opt: optim.Optimizer, meta: dict, losses: list[float],
+          ema: dict | None = None) -> None:
     with atomic_dir(folder) as tmp:
         mx.save_safetensors(str(tmp / "weights.safetensors"), dict(tree_flatten(model.trainable_parameters())))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
+        if ema is not None: mx.save_safetensors(str(tmp / "ema.safetensors"), dict(tree_flatten(ema)))
         atomic_write_json(tmp / "state.json", {**meta, "losses": losses})
 
 def _resume(folder: Path, model: nn.Module, opt: optim.Optimizer, meta: dict) -> list[float]:
@@ -97,28 +100,42 @@ def _resume(folder: Path, model: nn.Module, opt: optim.Optimizer, meta: dict) ->
         if k != "step" and saved.get(k) != v:
             raise ConfigError("the checkpoint was made by a different run", file=state_file, key=k, expected=saved.get(k),
                               got=v, hint="use the same settings, or another checkpoint folder to start over")
-    model.load_weights(list(mx.load(str(folder / "weights.safetensors")).items()), strict=False)
+    model.load_weights(list(_read(folder / "weights.safetensors").items()), strict=False)
     opt.init(model.trainable_parameters())
-    opt.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+    opt.state = tree_unflatten(list(_read(folder / "optimizer.safetensors").items()))
     return saved["losses"]
+
+def _read(path: Path) -> dict:
+    "A checkpoint's safetensors file, or a `ModelLoadingError` naming it (MLX's own reader raises a bare RuntimeError)."
+    try: return mx.load(str(path))
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ModelLoadingError(f"unreadable checkpoint file: {e}", where=path,
+                                hint="delete the checkpoint folder to start over, or restore the file") from e
+
+def _resume_ema(folder: Path) -> dict:
+    return tree_unflatten(list(_read(folder / "ema.safetensors").items()))
 
 # %% ../../nbs/30_compression/00_train.ipynb #44c8db48
 def fit(model: nn.Module, loss_fn: Callable[..., mx.array], batches: Iterator[tuple], *, steps: int, lr: float = 1e-4,
         warmup: int = 0, weight_decay: float = 0.0, grad_clip: float | None = 1.0,
         after_step: Callable[[nn.Module, int], None] | None = None, checkpoint: Path | str | None = None,
         save_every: int = 50, desc: str = "train",
-        grad_fn: Callable[..., tuple[mx.array, dict]] | None = None) -> FitResult:
+        grad_fn: Callable[..., tuple[mx.array, dict]] | None = None, ema: float = 0.0) -> FitResult:
     """Train `model`'s trainable parameters on `loss_fn(model, *batch)` with AdamW and a warmup+cosine schedule; resumable.
-    `grad_fn(model, *batch) -> (loss, grads)` replaces the plain gradient (e.g. CLIP's gradient cache)."""
+    `grad_fn(model, *batch) -> (loss, grads)` replaces the plain gradient (e.g. CLIP's gradient cache); `ema` > 0 keeps
+    a moving average of the weights with that decay (checkpointed, returned as `FitResult.ema`)."""
     if steps < 1: raise ConfigError("steps must be >= 1", key="steps", expected=">= 1", got=steps)
     if lr <= 0: raise ConfigError("lr must be > 0", key="lr", expected="> 0", got=lr)
+    if not 0.0 <= ema < 1.0: raise ConfigError("ema is a decay in [0, 1)", key="ema", expected="e.g. 0.999", got=ema)
     opt = optim.AdamW(learning_rate=schedule(lr, steps, warmup), weight_decay=weight_decay)
-    meta = _fingerprint(model, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay)
+    meta = _fingerprint(model, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, **({"ema": ema} if ema else {}))
     folder = Path(checkpoint) if checkpoint is not None else None
     losses, start = [], 0
+    avg = dict(model.trainable_parameters()) if ema else None
     if folder is not None and (folder / "state.json").exists():
         losses = _resume(folder, model, opt, meta)
         start = len(losses)
+        if ema: avg = _resume_ema(folder)
         for _ in range(start): next(batches)          # the batches the first run already used
         if after_step is not None and start: after_step(model, start)
     value_and_grad = grad_fn or nn.value_and_grad(model, loss_fn)   # grad_fn(model, *batch) -> (loss, grads)
@@ -130,13 +147,16 @@ def fit(model: nn.Module, loss_fn: Callable[..., mx.array], batches: Iterator[tu
             if grad_clip: grads, _ = optim.clip_grad_norm(grads, grad_clip)
             opt.update(model, grads)
             if after_step is not None: after_step(model, step)
-            mx.eval(model.parameters(), opt.state, loss)
+            if ema:
+                d = min(ema, (1 + step) / (10 + step))           # warm-up: early steps don't pin the average to the init
+                avg = tree_map(lambda a, w: d * a + (1 - d) * w, avg, model.trainable_parameters())
+            mx.eval(model.parameters(), opt.state, loss, avg)
             losses.append(loss.item())
             bar.update(); bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             if folder is not None and (step % save_every == 0 or step == steps):
-                _save(folder, model, opt, {**meta, "step": step}, losses)
+                _save(folder, model, opt, {**meta, "step": step}, losses, avg)
     model.eval()
-    return FitResult(losses, steps, start, time.perf_counter() - t0)
+    return FitResult(losses, steps, start, time.perf_counter() - t0, avg)
 
 # %% ../../nbs/30_compression/00_train.ipynb #0ce4551b
 def evaluate_lm(model: nn.Module, tokens, *, window: int = 256, batch: int = 4) -> float:
