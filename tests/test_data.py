@@ -127,6 +127,21 @@ def check_clip(path: Path, tok, parser, tmp: Path) -> None:
     assert len(pair_data(args.data, 32, "train")) > args.batch_size
 
 
+def check_diffusion(path: Path, tok, parser, tmp: Path) -> None:
+    "`efficientai diffusion train -c path`: every value arrives, and the data it names loads."
+    from efficientai.cli import parse_args
+    from efficientai.diffusion.cli import training_data
+    _assert_commented(path)
+    args = parse_args(parser, ["diffusion", "train", "-c", str(path)])
+    for key, value in yaml.safe_load(path.read_text()).items():
+        got = getattr(args, key.replace("-", "_"))
+        got = ",".join(map(str, got)) if isinstance(got, tuple) else got
+        if value is not None: assert str(got) == str(value), key
+    assert isinstance(args.out, Path) and args.out.parts[0] == "runs", "outputs go to the git-ignored runs/"
+    images, labels, classes, _ = training_data(args.data, args.image_size)
+    assert len(images) > args.batch_size and len(classes) == labels.max() + 1
+
+
 def check_captions(path: Path, tok, parser, tmp: Path) -> None:
     "The sample caption folder loads through the toolkit's reader; each image is one of its files."
     from efficientai.zoo.captions import load_caption_folder
@@ -138,7 +153,8 @@ def check_captions(path: Path, tok, parser, tmp: Path) -> None:
 
 
 CHECKS = {"README.md": check_readme, "configs/lora.yaml": check_lora, "configs/quant.yaml": check_quant,
-          "configs/compress.yaml": check_compress, "configs/clip.yaml": check_clip}
+          "configs/compress.yaml": check_compress, "configs/clip.yaml": check_clip,
+          "configs/diffusion.yaml": check_diffusion}
 CHECKS |= {f"captions/{p.name}": check_captions for p in (DATA / "captions").iterdir()}
 CHECKS |= {f"instruct/{fmt}/{split}.jsonl": check_instruct for fmt in FORMATS for split in SPLITS}
 
