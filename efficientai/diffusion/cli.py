@@ -91,7 +91,8 @@ def _save_grid(path: Path, images: np.ndarray, rows: int, titles) -> None:
 
 def diffusion_train(args) -> int:
     from efficientai.diffusion.train import DiffusionConfig, train_diffusion, save_diffusion, generate, to_uint8
-    from efficientai.diffusion.unet import UNet, UNetConfig, parameter_count
+    from efficientai.diffusion.unet import UNet, UNetConfig
+    from efficientai.quant.ptq import parameter_count
     images, labels, classes, hw = training_data(args.data, args.image_size)
     n_levels = len(args.channels)
     ucfg = UNetConfig(image_size=args.image_size, in_channels=images.shape[-1], channels=args.channels,

@@ -7,23 +7,23 @@ Docs: https://efficientai.github.io/efficientai/50_diffusion/train.html.md"""
 # %% ../../nbs/50_diffusion/03_train.ipynb #a4139124
 from __future__ import annotations
 import efficientai  # first: loads the fast BLAS before MLX
-import hashlib, json, os
-from dataclasses import dataclass, asdict, field
+import json, os
+from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from ..config import load_dataclass
 from ..errors import ConfigError, DataError, ModelLoadingError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, sha256_file
 from ..compress.train import FitResult, fit
-from .noise import PREDICTIONS, add_noise, check_process, training_target
+from .noise import add_noise, check_process, training_target
 from .samplers import model_denoiser, sample
-from .unet import UNet, UNetConfig, parameter_count
+from .unet import UNet, UNetConfig
 
 # %% auto #0
 __all__ = ['DEFAULT_PREDICTION', 'FASHION_UNET', 'DiffusionConfig', 'to_model_range', 'to_uint8', 'diffusion_batches',
@@ -81,7 +81,7 @@ def to_uint8(x: mx.array | np.ndarray, shape: tuple[int, int] | None = None) -> 
 
 def diffusion_batches(x: np.ndarray, cond: np.ndarray | None, batch_size: int, *, seed: int = 0
                       ) -> Iterator[tuple[mx.array, ...]]:
-    "Endless `(x0, cond, drop, t, eps)` batches of model-range images `x`; step k's draws depend only on (seed, k)."
+    "Endless `(x0, cond, u, t, eps)` batches of model-range images `x`; step k's draws depend only on (seed, k)."
     if cond is not None and len(cond) != len(x):
         raise DataError(f"{len(cond)} conditions for {len(x)} images")
     step = 0
@@ -188,14 +188,8 @@ def save_diffusion(folder: Path | str, model: UNet, config: DiffusionConfig, *, 
     os.replace(staged, weights)
     atomic_write_json(folder / "config.json", {"unet": asdict(model.config), "diffusion": asdict(config),
                                                "classes": list(classes) if classes else None,
-                                               "weights_sha256": _sha256(weights), **(extra or {})})
+                                               "weights_sha256": sha256_file(weights), **(extra or {})})
     return folder
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
-    return h.hexdigest()
 
 def load_diffusion(folder: Path | str) -> tuple[UNet, DiffusionConfig, dict]:
     "`(model, diffusion config, the whole config.json)` from a folder written by `save_diffusion`."
@@ -208,7 +202,7 @@ def load_diffusion(folder: Path | str) -> tuple[UNet, DiffusionConfig, dict]:
         raise ModelLoadingError(f"config.json is not valid JSON: {e}", where=cfg_file) from e
     if not isinstance(meta, dict) or not {"unet", "diffusion"} <= set(meta):
         raise ModelLoadingError("config.json needs 'unet' and 'diffusion' sections", where=cfg_file)
-    if meta.get("weights_sha256") and _sha256(weights) != meta["weights_sha256"]:
+    if meta.get("weights_sha256") and sha256_file(weights) != meta["weights_sha256"]:
         raise ModelLoadingError("the weights are not the ones config.json was written with (checksum differs)",
                                 where=weights, hint="the save was interrupted or the file was replaced: save the model again")
     try:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, asdict
 import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from ..config import load_dataclass
 from ..errors import ConfigError
@@ -21,7 +20,7 @@ from ..lora.kernels import fast_exp
 
 # %% auto #0
 __all__ = ['UNetConfig', 'silu', 'timestep_embedding', 'space_to_depth', 'depth_to_space', 'ResBlock', 'SelfAttention',
-           'Downsample', 'Upsample', 'UNet', 'parameter_count']
+           'Downsample', 'Upsample', 'UNet']
 
 # %% ../../nbs/50_diffusion/02_unet.ipynb #59ccc03d
 @dataclass
@@ -198,6 +197,3 @@ class UNet(nn.Module):
         if self.config.num_classes: return mx.full((n,), self.config.num_classes, dtype=mx.int32)
         if self.config.cond_dim: return mx.broadcast_to(self.null_cond, (n, self.config.cond_dim))
         return None
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(v.size for _, v in tree_flatten(model.parameters()))
