@@ -1,4 +1,4 @@
-"""`efficientai diffusion train|sample`: train a class-conditional diffusion model on Fashion-MNIST or on your own folder of images sorted into class folders, resume it after a crash, and write grids of samples for the classes you ask for, without opening a notebook.
+"""`efficientai diffusion train|sample|distill|lora|export`: train a class-conditional diffusion model on Fashion-MNIST or on your own folder of images sorted into class folders, resume it after a crash, write grids of samples for the classes you ask for, distil it to a few steps, adapt it to a style with LoRA, and export it to ONNX or Core ML, without opening a notebook.
 
 Docs: https://efficientai.github.io/efficientai/50_diffusion/cli.html.md"""
 
@@ -16,7 +16,8 @@ from ..cli import command, add_run_config
 from ..errors import ConfigError, DataError
 
 # %% auto #0
-__all__ = ['class_folder', 'training_data', 'parse_channels', 'diffusion_train', 'diffusion_sample']
+__all__ = ['class_folder', 'training_data', 'parse_channels', 'diffusion_train', 'load_model', 'sampling_settings',
+           'diffusion_sample', 'diffusion_distill', 'diffusion_lora', 'diffusion_export']
 
 # %% ../../nbs/50_diffusion/09_cli.ipynb #9a910c7e
 def class_folder(folder: Path | str, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -53,7 +54,7 @@ def parse_channels(text: str) -> tuple[int, ...]:
 # %% ../../nbs/50_diffusion/09_cli.ipynb #5a6d3a02
 @command("diffusion")
 def _diffusion_cli(sub):
-    p = sub.add_parser("diffusion", help="train class-conditional diffusion models and sample them")
+    p = sub.add_parser("diffusion", help="train class-conditional diffusion models, sample, distil, adapt and export them")
     ds = p.add_subparsers(dest="diffusion_cmd", required=True)
     t = ds.add_parser("train", help="train a class-conditional UNet (resumes from --out/checkpoint)")
     t.add_argument("--out", type=Path, required=True, help="model folder (config.json, model.safetensors, checkpoint/)")
@@ -76,11 +77,45 @@ def _diffusion_cli(sub):
     s.add_argument("--out", type=Path, required=True, help="PNG file of the grid (one row per class)")
     s.add_argument("--classes", default="", help="comma list of class names or numbers (default: every class)")
     s.add_argument("-n", type=int, default=8, help="samples per class")
-    s.add_argument("--steps", type=int, default=20, help="sampler steps")
-    s.add_argument("--sampler", default="dpm++2m", choices=("dpm++2m", "ddim", "euler", "ddpm"))
-    s.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1: none)")
+    s.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's, else 20)")
+    s.add_argument("--sampler", default=None, choices=("dpm++2m", "ddim", "euler", "ddpm"), help="default: the model's, else dpm++2m")
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1: none; default: the model's, else 2)")
     s.add_argument("--seed", type=int, default=0)
+    _adapter_args(s)
     s.set_defaults(func=diffusion_sample)
+    d = ds.add_parser("distill", help="progressive distillation to a few sampler steps (resumes from --out/checkpoint)")
+    d.add_argument("model", type=Path)
+    d.add_argument("--out", type=Path, required=True, help="folder of the distilled model")
+    d.add_argument("--data", default="", help="the training data (default: the model's own, else fashion-mnist)")
+    d.add_argument("--teacher-steps", type=int, default=32, help="the teacher's DDIM steps; each round halves them")
+    d.add_argument("--rounds", type=int, default=3)
+    d.add_argument("--steps", type=int, default=1000, help="training steps per round")
+    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--lr", type=float, default=1e-4)
+    d.add_argument("--guidance", type=float, default=2.0, help="the teacher's guidance, baked into the student")
+    d.set_defaults(func=diffusion_distill)
+    l = ds.add_parser("lora", help="train style adapters on a few images (resumes from --out/checkpoint)")
+    l.add_argument("model", type=Path)
+    l.add_argument("--out", type=Path, required=True, help="adapter folder (adapters.safetensors, adapter_config.json)")
+    l.add_argument("--data", default="emoji-fashion", help="emoji-fashion | a folder of class folders named like the model's classes")
+    l.add_argument("--rank", type=int, default=8)
+    l.add_argument("--targets", default="conv,attention", help="conv and/or attention")
+    l.add_argument("--steps", type=int, default=600)
+    l.add_argument("--batch-size", type=int, default=16)
+    l.add_argument("--lr", type=float, default=1e-3)
+    l.set_defaults(func=diffusion_lora)
+    e = ds.add_parser("export", help="export a model to ONNX (.onnx) or Core ML (.mlpackage)")
+    e.add_argument("model", type=Path)
+    e.add_argument("--out", type=Path, required=True, help="*.onnx or *.mlpackage")
+    e.add_argument("--compression", default=None, choices=("int8", "int4", "palettize4", "palettize6", "palettize8"),
+                   help="Core ML weight compression (default: fp16)")
+    e.add_argument("--batch", type=int, default=2, help="the Core ML package's batch size (ONNX: any)")
+    _adapter_args(e)
+    e.set_defaults(func=diffusion_export)
+
+def _adapter_args(p) -> None:
+    p.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter folder to apply (from `diffusion lora`)")
+    p.add_argument("--strength", type=float, default=1.0, help="the adapter's strength (0: none, 1: as trained)")
 
 # %% ../../nbs/50_diffusion/09_cli.ipynb #61cf1bb6
 def _save_grid(path: Path, images: np.ndarray, rows: int, titles) -> None:
@@ -121,16 +156,112 @@ def _pick_classes(spec: str, classes: list[str]) -> list[int]:
         else: raise ConfigError(f"no class {item!r} in this model", key="--classes", expected=", ".join(classes), got=item)
     return out
 
+def load_model(folder: Path, adapter: Path | None = None, strength: float = 1.0):
+    "`(model, diffusion config, config.json)` of a saved model, with the LoRA adapters in `adapter` applied at `strength`."
+    from efficientai.diffusion.train import load_diffusion
+    model, dcfg, meta = load_diffusion(folder)
+    if adapter is not None:
+        from efficientai.diffusion.lora import load_style_adapters
+        load_style_adapters(model, adapter, strength)
+    return model, dcfg, meta
+
+def sampling_settings(meta: dict, steps: int | None, sampler: str | None, guidance: float | None) -> tuple[int, str, float]:
+    "Steps, sampler and guidance: those given, else the model's own (`sampling` in config.json), else 20, dpm++2m, 2."
+    own = {"steps": 20, "sampler": "dpm++2m", "guidance": 2.0, **(meta.get("sampling") or {})}
+    out = (int(steps if steps is not None else own["steps"]), sampler or own["sampler"],
+           float(guidance if guidance is not None else own["guidance"]))
+    if out[0] < 1: raise ConfigError("--steps must be >= 1", key="--steps", got=out[0])
+    return out
+
 def diffusion_sample(args) -> int:
-    from efficientai.diffusion.train import load_diffusion, generate, to_uint8
-    if args.n < 1 or args.steps < 1: raise ConfigError("-n and --steps must be >= 1", key="-n/--steps", got=(args.n, args.steps))
-    model, dcfg, meta = load_diffusion(args.model)
+    from efficientai.diffusion.train import generate, to_uint8
+    if args.n < 1: raise ConfigError("-n must be >= 1", key="-n", got=args.n)
+    model, dcfg, meta = load_model(args.model, args.adapter, args.strength)
+    steps, sampler, guidance = sampling_settings(meta, args.steps, args.sampler, args.guidance)
     classes = meta.get("classes") or [str(i) for i in range(model.config.num_classes)]
     picked = _pick_classes(args.classes, classes)
     labels = np.repeat(np.array(picked), args.n)
-    x = generate(model, labels, dcfg, steps=args.steps, sampler=args.sampler, guidance=args.guidance, seed=args.seed,
-                 progress=True)
+    x = generate(model, labels, dcfg, steps=steps, sampler=sampler, guidance=guidance, seed=args.seed, progress=True)
     shape = tuple(meta.get("image_shape") or (model.config.image_size,) * 2)
     _save_grid(args.out, to_uint8(x, shape), len(picked), [classes[i] for i in picked])
-    print(f"{len(labels)} samples ({args.n} of each of {', '.join(classes[i] for i in picked)}) -> {args.out}")
+    print(f"{len(labels)} samples ({args.n} of each of {', '.join(classes[i] for i in picked)}; {sampler}, {steps} steps, "
+          f"guidance {guidance:g}) -> {args.out}")
+    return 0
+
+# %% ../../nbs/50_diffusion/09_cli.ipynb #d1ff0c11
+def _model_data(spec: str, meta: dict, model):
+    "Images and labels for training on top of a saved model: `spec`, else the data it was trained on, else Fashion-MNIST."
+    spec = spec or meta.get("data") or "fashion-mnist"
+    images, labels, classes, _ = training_data(spec, model.config.image_size)
+    own = meta.get("classes")
+    if own and classes != list(own):
+        missing = [c for c in classes if c not in own]
+        if missing: raise DataError(f"classes the model doesn't have: {', '.join(missing)}", where=spec,
+                                    hint=f"name the class folders like the model's classes: {', '.join(own)}")
+        labels = np.array([list(own).index(classes[i]) for i in labels])
+    return images, labels
+
+def diffusion_distill(args) -> int:
+    from efficientai.diffusion.fewstep import DistillConfig, progressive_distill
+    from efficientai.diffusion.train import save_diffusion
+    model, dcfg, meta = load_model(args.model)
+    cfg = DistillConfig(teacher_steps=args.teacher_steps, rounds=args.rounds, steps=args.steps, batch_size=args.batch_size,
+                        lr=args.lr, guidance=args.guidance)
+    images, labels = _model_data(args.data, meta, model)
+    rounds = progressive_distill(model, images, labels if model.config.num_classes else None, cfg, dcfg,
+                                 checkpoint=args.out / "checkpoint",
+                                 after_round=lambda m, n, r: print(f"round done: {n} steps, loss {np.mean(r.losses[-20:]):.4f}"))
+    n, student, _ = rounds[-1]
+    keep = {k: meta[k] for k in ("data", "image_shape") if k in meta}
+    save_diffusion(args.out, student, dcfg, classes=meta.get("classes"),
+                   extra={**keep, "sampling": {"steps": n, "sampler": "ddim", "guidance": 1.0,
+                                               "distilled_from": {"model": str(args.model), "steps": args.teacher_steps,
+                                                                  "guidance": args.guidance}}})
+    print(f"saved to {args.out}: samples in {n} DDIM steps, guidance baked in (one UNet call a step)")
+    return 0
+
+def diffusion_lora(args) -> int:
+    from efficientai.diffusion.lora import StyleLoraConfig, apply_lora, emoji_style_set, save_style_adapters, train_style
+    model, dcfg, meta = load_model(args.model)
+    cfg = StyleLoraConfig(rank=args.rank, targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+                          steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    if args.data == "emoji-fashion":
+        images, labels, _ = emoji_style_set(size=model.config.image_size if model.config.image_size < 28 else 28)
+        if meta.get("classes") and len(meta["classes"]) != 10:
+            raise DataError("emoji-fashion has Fashion-MNIST's 10 classes; this model has others", where=args.model,
+                            hint="give --data a folder of class folders named like the model's classes")
+    else: images, labels = _model_data(args.data, meta, model)
+    apply_lora(model, cfg.rank, cfg.scale, cfg.targets)
+    res = train_style(model, images, labels if model.config.num_classes else None, cfg, dcfg, checkpoint=args.out / "checkpoint")
+    save_style_adapters(model, cfg, args.out, extra={"base_model": str(args.model), "data": args.data})
+    k = max(1, len(res.losses) // 10)
+    print(f"{len(images)} style images; loss {np.mean(res.losses[:k]):.4f} -> {np.mean(res.losses[-k:]):.4f}; adapters in {args.out}")
+    return 0
+
+def diffusion_export(args) -> int:
+    import mlx.core as mx
+    from efficientai.diffusion.export import coreml_io, export_unet_coreml, export_unet_onnx, onnx_model_fn
+    model, _, _ = load_model(args.model, args.adapter, args.strength)
+    if args.adapter is not None:
+        from efficientai.diffusion.lora import fuse_style
+        fuse_style(model)
+    cfg, suffix = model.config, args.out.suffix
+    if suffix == ".onnx":
+        if args.compression: raise ConfigError("--compression is for Core ML packages", key="--compression",
+                                               hint="export to a .mlpackage, or drop --compression")
+        export_unet_onnx(model, args.out)
+        x = mx.random.normal((2, cfg.image_size, cfg.image_size, cfg.in_channels), key=mx.random.key(0))
+        t, c = mx.array([0.3, 0.8]), (mx.array([0, cfg.num_classes]) if cfg.num_classes else None)
+        diff = float(mx.abs(onnx_model_fn(args.out)(x, t, c) - model(x, t, c)).max())
+        print(f"{args.out}: ONNX, {args.out.stat().st_size / 1e6:.1f} MB; max |ONNX - MLX| on a batch: {diff:.1e}")
+    elif suffix == ".mlpackage":
+        if args.batch < 1: raise ConfigError("--batch must be >= 1", key="--batch", got=args.batch)
+        export_unet_coreml(model, args.out, batch=args.batch, compression=args.compression)
+        io = coreml_io(args.out)
+        size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
+        print(f"{args.out}: Core ML ({args.compression or 'fp16'}), {size / 1e6:.1f} MB; inputs "
+              + ", ".join(f"{k} {v[0]}" for k, v in io["inputs"].items()) + "; outputs "
+              + ", ".join(f"{k} {v[0]}" for k, v in io["outputs"].items()))
+    else: raise ConfigError("--out names a .onnx file or a .mlpackage folder", key="--out", expected="*.onnx | *.mlpackage",
+                            got=str(args.out))
     return 0

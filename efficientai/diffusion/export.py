@@ -243,7 +243,7 @@ class MilOps:
 def export_unet_coreml(model: UNet, path: Path | str, *, batch: int = 2, compression: str | None = None,
                        precision: str = "fp16") -> Path:
     """`model` as a Core ML ML Program (`.mlpackage`): `x` (batch, H, W, C), `t` (batch,), `label` (batch,) int32 ->
-    `prediction`; weights optionally compressed ('int8', 'int4', 'palettize4', 'palettize6')."""
+    `prediction`; weights optionally compressed ('int8', 'int4', 'palettize4', 'palettize6', 'palettize8')."""
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types

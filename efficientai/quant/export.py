@@ -646,15 +646,15 @@ def export_coreml(model: nn.Module, path: Path | str, *, seq_len: int = 64, comp
 def save_mil_program(prog, path: Path | str, *, compression: str | None = None, precision: str = "fp16",
                      palettize_mode: str = "kmeans", block_size: int = 32, metadata: dict | None = None) -> Path:
     """Convert a MIL program (built with coremltools' `Builder`) to an ML Program, compress its weights
-    (`compression`: None, 'int8', 'int4', 'palettize4', 'palettize6'), and save it atomically as `path` (.mlpackage).
+    (`compression`: None, 'int8', 'int4', 'palettize4', 'palettize6', 'palettize8'), and save it atomically as `path` (.mlpackage).
     `metadata` goes into the package as `efficientai.<key>`. Other chapters export their own graphs through this."""
     import coremltools as ct
     path = Path(path)
     if path.suffix != ".mlpackage":
         raise ConfigError("a Core ML ML Program is saved as a package", key="path", expected="*.mlpackage", got=str(path))
-    if compression not in (None, "int8", "int4", "palettize4", "palettize6"):
+    if compression not in (None, "int8", "int4", "palettize4", "palettize6", "palettize8"):
         raise ConfigError("unknown Core ML compression", key="compression",
-                          expected="None, int8, int4, palettize4 or palettize6", got=compression)
+                          expected="None, int8, int4, palettize4, palettize6 or palettize8", got=compression)
     cp = (ct.transform.FP16ComputePrecision(op_selector=lambda op: RMS_TAG not in op.name) if precision == "fp16"
           else ct.precision.FLOAT32)
     mlmodel = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18, compute_precision=cp)
