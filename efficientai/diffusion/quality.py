@@ -7,6 +7,7 @@ Docs: https://efficientai.github.io/efficientai/50_diffusion/quality.html.md"""
 # %% ../../nbs/50_diffusion/04_quality.ipynb #d9ecd63d
 from __future__ import annotations
 import efficientai  # first: loads the fast BLAS before MLX
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -41,7 +42,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         raise DataError(f"two (N, D) feature sets with the same D and N >= 2, got {a.shape} and {b.shape}")
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2)
+    with warnings.catch_warnings():                       # fewer samples than features: Σ is singular and sqrtm says so
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():                    # near-singular product: nudge both, as FID's reference does
         eps = 1e-6 * np.eye(len(s1)); covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(covmean)))
