@@ -19,19 +19,21 @@ from ..quant.export import OnnxGraph, save_mil_program, inspect_coreml
 from .unet import UNet, ResBlock, SelfAttention
 
 # %% auto #0
-__all__ = ['emit_unet', 'OnnxOps', 'export_unet_onnx', 'onnx_model_fn', 'MilOps', 'export_unet_coreml', 'coreml_io']
+__all__ = ['emit_unet', 'OnnxOps', 'cond_input', 'export_unet_onnx', 'onnx_model_fn', 'MilOps', 'export_unet_coreml', 'coreml_io']
 
 # %% ../../nbs/50_diffusion/08_export.ipynb #83f7329b
 def _np(a) -> np.ndarray: return np.array(a, dtype=np.float32)
 
-def emit_unet(ops, model: UNet, x, t, label):
-    "Build `model`'s forward pass with graph operations `ops` (see `OnnxOps`) on NHWC input `x`, times `t`, labels."
+def emit_unet(ops, model: UNet, x, t, cond):
+    """Build `model`'s forward pass with graph operations `ops` (see `OnnxOps`) on NHWC input `x`, times `t` and the
+    condition: class labels (int, batch) or, for a `cond_dim` UNet, condition vectors (float, batch × cond_dim)."""
     cfg, m = model.config, model
     half = cfg.channels[0] // 2
     freqs = np.exp(-math.log(10_000.0) * np.arange(half, dtype=np.float32) / half) * 1000.0
     e = ops.time_features(t, freqs)
     e = ops.dense(ops.silu(ops.dense(e, m.time_mlp[0])), m.time_mlp[1])
-    if cfg.num_classes: e = ops.add(e, ops.embed(label, _np(m.label_emb.weight)))
+    if cfg.num_classes: e = ops.add(e, ops.embed(cond, _np(m.label_emb.weight)))
+    elif cfg.cond_dim: e = ops.add(e, ops.dense(cond, m.cond_proj))
     emb = ops.silu(e)
 
     def res(h, b: ResBlock):
@@ -60,7 +62,7 @@ def emit_unet(ops, model: UNet, x, t, label):
 # %% ../../nbs/50_diffusion/08_export.ipynb #8fc143e6
 class OnnxOps:
     "The operations `emit_unet` needs, as ONNX nodes in an `OnnxGraph` (NCHW inside)."
-    def __init__(self, g: OnnxGraph, batch: str = "batch"): self.g, self.n = g, 0
+    def __init__(self, g: OnnxGraph, out: str = "prediction"): self.g, self.n, self.out = g, 0, out
 
     def _name(self, base: str) -> str:
         self.n += 1; return f"{base}.{self.n}"
@@ -137,21 +139,25 @@ class OnnxOps:
         return g.op("Add", x, g.op("Reshape", g.op("Transpose", o, perm=[0, 2, 1]), shape))
 
 # %% ../../nbs/50_diffusion/08_export.ipynb #a83abf66
+def cond_input(cfg) -> tuple[str, str]:
+    "The name and kind of a UNet's condition input: `label` (int32 class ids) or `cond` (float32 vectors)."
+    return ("cond", "float") if cfg.cond_dim and not cfg.num_classes else ("label", "int")
+
 def export_unet_onnx(model: UNet, path: Path | str) -> Path:
-    "Write `model` as ONNX: inputs `x` (batch, H, W, C) float32, `t` (batch,) float32, `label` (batch,) int32."
+    """Write `model` as ONNX: inputs `x` (batch, H, W, C) float32, `t` (batch,) float32, and `label` (batch,) int32 or,
+    for a text-conditioned UNet, `cond` (batch, cond_dim) float32."""
     from onnx import TensorProto, helper
     path, cfg = Path(path), model.config
     if path.suffix != ".onnx": raise ConfigError("an ONNX file name ends in .onnx", key="path", expected="*.onnx", got=str(path))
-    if cfg.cond_dim: raise DeploymentError("text-conditioned UNets are not exported yet", where="UNetConfig.cond_dim",
-                                           hint="export a class-conditional or unconditional UNet")
     g = OnnxGraph("unet")
     s, c = cfg.image_size, cfg.in_channels
     g.inputs += [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", s, s, c]),
                  helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch"]),
-                 helper.make_tensor_value_info("label", TensorProto.INT32, ["batch"])]
-    g.output(emit_unet(OnnxOps(g), model, "x", "t", "label"), "prediction", ["batch", s, s, c])
+                 helper.make_tensor_value_info("cond", TensorProto.FLOAT, ["batch", cfg.cond_dim]) if cond_input(cfg)[0] == "cond"
+                 else helper.make_tensor_value_info("label", TensorProto.INT32, ["batch"])]
+    g.output(emit_unet(OnnxOps(g), model, "x", "t", cond_input(cfg)[0]), "prediction", ["batch", s, s, c])
     g.metadata.update(kind="diffusion-unet", image_size=s, channels=c, num_classes=cfg.num_classes,
-                      null_label=cfg.num_classes)
+                      null_label=cfg.num_classes, cond_dim=cfg.cond_dim)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as f: f.write(g.model(opset=18).SerializeToString())
     return path
@@ -162,11 +168,13 @@ def onnx_model_fn(path: Path | str, threads: int | None = None):
     opts = ort.SessionOptions()
     if threads: opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
     def fn(x, t, cond):
         n = x.shape[0]
-        label = np.zeros(n, np.int32) if cond is None else np.asarray(cond, np.int32)
-        out = sess.run(None, {"x": np.asarray(x, np.float32), "t": np.asarray(t, np.float32), "label": label})[0]
-        return mx.array(out)
+        feed = {"x": np.asarray(x, np.float32), "t": np.asarray(t, np.float32)}
+        if "cond" in names: feed["cond"] = np.asarray(cond, np.float32)
+        elif "label" in names: feed["label"] = np.zeros(n, np.int32) if cond is None else np.asarray(cond, np.int32)
+        return mx.array(sess.run(None, feed)[0])
     return fn
 
 # %% ../../nbs/50_diffusion/08_export.ipynb #9b276442
@@ -174,14 +182,14 @@ from ..quant.export import RMS_TAG
 
 class MilOps:
     "The operations `emit_unet` needs, as coremltools MIL ops (static shapes, NCHW inside)."
-    def __init__(self, mb): self.mb, self.n = mb, 0
+    def __init__(self, mb, out: str = "prediction"): self.mb, self.n, self.out = mb, 0, out
 
     def _name(self, base: str) -> str:
         self.n += 1; return f"{base}_{self.n}"
     def add(self, a, b): return self.mb.add(x=a, y=b, name=self._name("add"))
     def silu(self, x): return self.mb.silu(x=x, name=self._name("silu"))
     def to_nchw(self, x): return self.mb.transpose(x=x, perm=[0, 3, 1, 2], name="to_nchw")
-    def to_nhwc(self, x): return self.mb.transpose(x=x, perm=[0, 2, 3, 1], name="prediction")
+    def to_nhwc(self, x): return self.mb.transpose(x=x, perm=[0, 2, 3, 1], name=self.out)
     def concat_channels(self, a, b): return self.mb.concat(values=[a, b], axis=1, name=self._name("concat"))
     def per_channel(self, v): return self.mb.expand_dims(x=v, axes=[2, 3], name=self._name("per_channel"))
 
@@ -242,21 +250,25 @@ class MilOps:
 # %% ../../nbs/50_diffusion/08_export.ipynb #413f28a9
 def export_unet_coreml(model: UNet, path: Path | str, *, batch: int = 2, compression: str | None = None,
                        precision: str = "fp16") -> Path:
-    """`model` as a Core ML ML Program (`.mlpackage`): `x` (batch, H, W, C), `t` (batch,), `label` (batch,) int32 ->
-    `prediction`; weights optionally compressed ('int8', 'int4', 'palettize4', 'palettize6', 'palettize8')."""
+    """`model` as a Core ML ML Program (`.mlpackage`): `x` (batch, H, W, C), `t` (batch,), `label` (batch,) int32 or
+    `cond` (batch, cond_dim) float32 -> `prediction`; weights optionally compressed ('int8', 'int4', 'palettize4',
+    'palettize6', 'palettize8')."""
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
     cfg = model.config
-    if cfg.cond_dim: raise DeploymentError("text-conditioned UNets are not exported yet", where="UNetConfig.cond_dim")
     s, c = cfg.image_size, cfg.in_channels
-    specs = [mb.TensorSpec(shape=(batch, s, s, c), dtype=types.fp32), mb.TensorSpec(shape=(batch,), dtype=types.fp32),
-             mb.TensorSpec(shape=(batch,), dtype=types.int32)]
-    @mb.program(input_specs=specs, opset_version=ct.target.iOS18)
-    def prog(x, t, label): return emit_unet(MilOps(mb), model, x, t, label)
+    specs = [mb.TensorSpec(shape=(batch, s, s, c), dtype=types.fp32), mb.TensorSpec(shape=(batch,), dtype=types.fp32)]
+    if cond_input(cfg)[0] == "cond":
+        @mb.program(input_specs=specs + [mb.TensorSpec(shape=(batch, cfg.cond_dim), dtype=types.fp32)],
+                    opset_version=ct.target.iOS18)
+        def prog(x, t, cond): return emit_unet(MilOps(mb), model, x, t, cond)
+    else:
+        @mb.program(input_specs=specs + [mb.TensorSpec(shape=(batch,), dtype=types.int32)], opset_version=ct.target.iOS18)
+        def prog(x, t, label): return emit_unet(MilOps(mb), model, x, t, label)
     return save_mil_program(prog, path, compression=compression, precision=precision,
-                            metadata={"kind": "diffusion-unet", "image_size": s, "channels": c,
-                                      "num_classes": cfg.num_classes, "null_label": cfg.num_classes, "batch": batch})
+                            metadata={"kind": "diffusion-unet", "image_size": s, "channels": c, "num_classes": cfg.num_classes,
+                                      "null_label": cfg.num_classes, "cond_dim": cfg.cond_dim, "batch": batch})
 
 def coreml_io(path: Path | str) -> dict:
     "The declared inputs and outputs of a `.mlpackage`: name -> (shape, data type)."

@@ -1,4 +1,4 @@
-"""A small KL-regularised autoencoder compresses 64-pixel colour emoji 12-fold into 16×16×4 latents; a UNet conditioned on MiniLM embeddings of the emoji's names learns to generate in that latent space; the page reports reconstruction quality, how well samples match their prompts, and the speed gained by sampling latents instead of pixels.
+"""A small KL-regularised autoencoder compresses 64-pixel colour emoji 12-fold into 16×16×4 latents; a UNet conditioned on MiniLM embeddings of the emoji's names learns to generate in that latent space; the page reports reconstruction quality, how well samples match their prompts, and the speed gained by sampling latents instead of pixels; the decoder and the text-conditioned UNet export to ONNX and Core ML, and a whole text-to-image generation runs on onnxruntime.
 
 Docs: https://efficientai.github.io/efficientai/50_diffusion/latent.html.md"""
 
@@ -27,7 +27,8 @@ from .unet import Downsample, Upsample, UNet, UNetConfig, depth_to_space, silu, 
 # %% auto #0
 __all__ = ['AutoencoderConfig', 'AEBlock', 'Autoencoder', 'autoencoder_loss', 'autoencoder_batches', 'train_autoencoder', 'psnr',
            'reconstruct', 'latent_scale', 'encode_latents', 'decode_latents', 'embed_prompts', 'train_latent_diffusion',
-           'generate_images', 'save_latent_diffusion', 'load_latent_diffusion']
+           'generate_images', 'save_latent_diffusion', 'load_latent_diffusion', 'emit_decoder', 'export_decoder_onnx',
+           'export_decoder_coreml', 'onnx_decoder_fn']
 
 # %% ../../nbs/50_diffusion/10_latent.ipynb #11fe88f3
 @dataclass
@@ -256,3 +257,54 @@ def load_latent_diffusion(folder: Path | str) -> tuple[Autoencoder, UNet, Diffus
             raise ModelLoadingError(f"weights don't load: {e}", where=f) from None
         m.eval()
     return ae, model, DiffusionConfig.from_dict(meta["diffusion"], file=cfg_file), float(meta["latent_scale"]), meta
+
+# %% ../../nbs/50_diffusion/10_latent.ipynb #a2e831a9
+from ..io import atomic_file
+from ..quant.export import OnnxGraph, save_mil_program
+from .export import MilOps, OnnxOps
+
+def emit_decoder(ops, ae: Autoencoder, z):
+    "Build `ae`'s decoder with graph operations `ops` (`OnnxOps` or `MilOps`) on NHWC latents `z`."
+    def block(h, b: AEBlock):
+        y = ops.conv3(ops.silu(ops.group_norm(h, b.norm1)), b.conv1)
+        y = ops.conv3(ops.silu(ops.group_norm(y, b.norm2)), b.conv2)
+        return ops.add(y, h if b.skip is None else ops.channel_linear(h, b.skip))
+    h = ops.conv3(ops.to_nchw(z), ae.dec_in)
+    for level in ae.dec:
+        h = block(h, level["block"])
+        if "up" in level: h = ops.depth_to_space(ops.channel_linear(h, level["up"].proj), 2)
+    h = ops.conv3(ops.silu(ops.group_norm(h, ae.dec_norm)), ae.dec_out)
+    return ops.to_nhwc(ops.depth_to_space(h, ae.config.patch))
+
+def export_decoder_onnx(ae: Autoencoder, path: Path | str) -> Path:
+    "Write `ae`'s decoder as ONNX: `z` (batch, h, w, latent_channels) float32 (unscaled) -> `image` (batch, S, S, C) in [-1, 1]."
+    from onnx import TensorProto, helper
+    path, cfg = Path(path), ae.config
+    if path.suffix != ".onnx": raise ConfigError("an ONNX file name ends in .onnx", key="path", expected="*.onnx", got=str(path))
+    g = OnnxGraph("decoder")
+    g.inputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", cfg.latent_size, cfg.latent_size, cfg.latent_channels]))
+    g.output(emit_decoder(OnnxOps(g), ae, "z"), "image", ["batch", cfg.image_size, cfg.image_size, cfg.in_channels])
+    g.metadata.update(kind="autoencoder-decoder", image_size=cfg.image_size, latent_size=cfg.latent_size,
+                      latent_channels=cfg.latent_channels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f: f.write(g.model(opset=18).SerializeToString())
+    return path
+
+def export_decoder_coreml(ae: Autoencoder, path: Path | str, *, batch: int = 1, compression: str | None = None,
+                          precision: str = "fp16") -> Path:
+    "`ae`'s decoder as a Core ML ML Program: `z` (batch, h, w, latent_channels) -> `image`; weights optionally compressed."
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+    cfg = ae.config
+    @mb.program(input_specs=[mb.TensorSpec(shape=(batch, cfg.latent_size, cfg.latent_size, cfg.latent_channels), dtype=types.fp32)],
+                opset_version=ct.target.iOS18)
+    def prog(z): return emit_decoder(MilOps(mb, out="image"), ae, z)
+    return save_mil_program(prog, path, compression=compression, precision=precision,
+                            metadata={"kind": "autoencoder-decoder", "image_size": cfg.image_size, "batch": batch})
+
+def onnx_decoder_fn(path: Path | str) -> Callable[[mx.array], mx.array]:
+    "`decode(z)` running the ONNX decoder in onnxruntime (unscaled latents in, model-range images out)."
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda z: mx.array(sess.run(None, {"z": np.asarray(z, np.float32)})[0])
