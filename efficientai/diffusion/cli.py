@@ -51,7 +51,7 @@ def parse_channels(text: str) -> tuple[int, ...]:
     except ValueError: raise argparse.ArgumentTypeError(f"comma-separated widths, e.g. 32,64,64 (got {text!r})") from None
     return ch
 
-# %% ../../nbs/50_diffusion/09_cli.ipynb #5a6d3a02
+# %% ../../nbs/50_diffusion/09_cli.ipynb #db6ad1b0
 @command("diffusion")
 def _diffusion_cli(sub):
     p = sub.add_parser("diffusion", help="train class-conditional diffusion models, sample, distil, adapt and export them")
@@ -68,6 +68,8 @@ def _diffusion_cli(sub):
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--ema", type=float, default=0.999, help="decay of the weights' moving average (0: none)")
     t.add_argument("--cond-drop", type=float, default=0.1, help="share trained without their class (for guidance)")
+    t.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16: mixed precision (bfloat16 compute, float32 weights); pays on GPUs, not on CPUs")
     t.add_argument("--save-every", type=int, default=200)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=diffusion_train)
@@ -133,7 +135,8 @@ def diffusion_train(args) -> int:
     ucfg = UNetConfig(image_size=args.image_size, in_channels=images.shape[-1], channels=args.channels,
                       attention=tuple(i > 0 for i in range(n_levels)), num_classes=len(classes), seed=args.seed)
     dcfg = DiffusionConfig(kind=args.kind, prediction=args.prediction, steps=args.steps, batch_size=args.batch_size,
-                           lr=args.lr, ema=args.ema, cond_drop=args.cond_drop, save_every=args.save_every, seed=args.seed)
+                           lr=args.lr, ema=args.ema, cond_drop=args.cond_drop, save_every=args.save_every, seed=args.seed,
+                           precision=args.precision)
     model = UNet(ucfg)
     print(f"{len(images):,} images in {len(classes)} classes; UNet {args.channels}, {parameter_count(model):,} parameters")
     res = train_diffusion(model, images, labels, dcfg, checkpoint=args.out / "checkpoint")
@@ -188,7 +191,7 @@ def diffusion_sample(args) -> int:
           f"guidance {guidance:g}) -> {args.out}")
     return 0
 
-# %% ../../nbs/50_diffusion/09_cli.ipynb #d1ff0c11
+# %% ../../nbs/50_diffusion/09_cli.ipynb #db255f00
 def _model_data(spec: str, meta: dict, model):
     "Images and labels for training on top of a saved model: `spec`, else the data it was trained on, else Fashion-MNIST."
     spec = spec or meta.get("data") or "fashion-mnist"

@@ -164,13 +164,14 @@ class UNet(nn.Module):
     def embedding(self, t: mx.array, cond: mx.array | None) -> mx.array:
         "Time embedding plus the condition's: a label per image (int, B), or a vector per image (B, cond_dim)."
         cfg = self.config
-        e = self.time_mlp[1](silu(self.time_mlp[0](timestep_embedding(t, cfg.channels[0]))))
+        dt = self.time_mlp[0].weight.dtype                # the weights' dtype: float32, or bfloat16 in mixed precision
+        e = self.time_mlp[1](silu(self.time_mlp[0](timestep_embedding(t, cfg.channels[0]).astype(dt))))
         if cfg.num_classes:
             labels = cond if cond is not None else mx.full((t.shape[0],), cfg.num_classes, dtype=mx.int32)
             e = e + self.label_emb(labels.astype(mx.int32))
         elif cfg.cond_dim:
             vec = cond if cond is not None else mx.broadcast_to(self.null_cond, (t.shape[0], cfg.cond_dim))
-            e = e + self.cond_proj(vec)
+            e = e + self.cond_proj(vec.astype(dt))
         return silu(e)
 
     def __call__(self, x: mx.array, t: mx.array, cond: mx.array | None = None) -> mx.array:
