@@ -15,6 +15,7 @@ PAGES = {"00_foundation": "00_foundation/benchmark.html", "05_zoo": "05_zoo/imag
          "10_lora": "10_lora/compare.html", "20_quantization": "20_quantization/metrics.html",
          "30_compression": "30_compression/prune.html", "40_clip": "40_clip/recipes.html",
          "50_diffusion": "50_diffusion/samplers.html", "60_federated": "60_federated/strategies.html",
+         "70_deploy": "70_deploy/load.html",
          "benchmarks": "benchmarks/matmul.html"}
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--no-first-run", "--headless=new"]
