@@ -148,3 +148,23 @@ def test_unknown_format_through_the_command_line(classifiers, tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "tensorflow" in run.stderr and "tflite" in run.stderr, run.stderr
     assert not out.exists()
+
+
+def test_diffusion_unet_and_clip_tower_go_through_the_same_door(tmp_path, capsys):
+    "The other families reach their chapters' exporters, and both files are run against MLX (cosine of the outputs)."
+    from efficientai.diffusion.unet import UNet, UNetConfig
+    from efficientai.diffusion.train import DiffusionConfig, save_diffusion, train_diffusion
+    from efficientai.clip.model import build_clip, save_clip
+    from efficientai.zoo.images import digits
+    ds = digits()                                                         # 8x8 digits: a small UNet, a quick check
+    unet = UNet(UNetConfig(image_size=16, channels=(16, 32), attention=(False, True), num_classes=10, groups=4))
+    cfg = DiffusionConfig(steps=15, batch_size=16, warmup=2, ema=0.0)
+    train_diffusion(unet, ds.train.images, ds.train.labels, cfg)         # a few steps: outputs no longer zero
+    save_diffusion(tmp_path / "unet", unet, cfg)
+    save_clip(build_clip(image_size=64), tmp_path / "clip")
+    for name, extra in (("unet", ["--batch", "2", "--samples", "4"]), ("clip", ["--samples", "2"])):
+        assert main(["export", str(tmp_path / name), "--to", "onnx", "coreml", "--out", str(tmp_path / "o"),
+                     "--json", *extra]) == 0
+        for r in _json_reports(capsys):
+            c = r["check"]
+            assert r["passed"] and c["metric"] == "cosine" and c["agreement"] > 0.999 and c["max_abs_ref"] > 0.01, r
