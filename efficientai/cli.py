@@ -314,7 +314,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 # %% ../nbs/00_foundation/07_cli.ipynb #5a268df5
 CHAPTER_CLIS = ("efficientai.zoo.catalog", "efficientai.lora.cli", "efficientai.quant.cli", "efficientai.compress.cli",
                 "efficientai.clip.cli", "efficientai.diffusion.cli",
-                "efficientai.federated.cli", "efficientai.deploy.cli")  # modules whose `@command`s join the CLI (imported on demand)
+                "efficientai.federated.cli", "efficientai.deploy.cli", "efficientai.deploy.demos",
+                "efficientai.deploy.export")  # modules whose `@command`s join the CLI (imported on demand)
 
 def build_parser() -> argparse.ArgumentParser:
     import importlib
