@@ -86,3 +86,20 @@ def test_burst_and_bad_requests(server):
     assert report.errors == 0, report.error_messages
     rows = check_bad_requests(url, api_key="sk-test")
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+
+
+def test_timeout_is_504(server):
+    url, served = server
+    served.config.timeout, before = 0.3, served.config.timeout
+    try:
+        body = {"messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 2000}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"authorization": "Bearer sk-test"}, timeout=60)
+        assert r.status_code == 504 and "no answer within" in r.json()["error"]["message"]
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True},
+                          headers={"authorization": "Bearer sk-test"}, timeout=60) as s:
+            lines = [l for l in s.iter_lines() if l]
+        assert "no answer within" in lines[-1]                  # the stream ends with an error event
+    finally: served.config.timeout = before
+    deadline = time.time() + 30
+    while served.engine.active and time.time() < deadline: time.sleep(0.1)
+    assert served.engine.active == 0                              # both generations were cancelled
