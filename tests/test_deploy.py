@@ -10,34 +10,18 @@ import pytest
 
 import efficientai  # noqa: F401  (fast BLAS before MLX)
 import httpx
-import mlx.core as mx
-from mlx.utils import tree_flatten
 
+from efficientai.deploy.adapters import save_random_adapter
 from efficientai.deploy.load import check_bad_requests, chat_bodies, load_test
 from efficientai.deploy.server import ServerConfig, ServerThread, load_served
 
 openai = pytest.importorskip("openai")
 
 
-def _adapter(folder: Path, seed: int) -> Path:
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-    from efficientai.zoo.catalog import load_model
-    ref, _ = load_model("smollm2-135m-instruct"); ref.freeze()
-    linear_to_lora_layers(ref, 8, {"rank": 8, "scale": 4.0, "dropout": 0.0})
-    mx.random.seed(seed)
-    for _, m in ref.named_modules():
-        if hasattr(m, "lora_b"): m.lora_b = 0.05 * mx.random.normal(m.lora_b.shape)
-    folder.mkdir(parents=True)
-    mx.save_safetensors(str(folder / "adapters.safetensors"), dict(tree_flatten(ref.trainable_parameters())))
-    (folder / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 8,
-                                                             "lora_parameters": {"rank": 8, "scale": 4.0}}))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    for i, name in enumerate(["pirate", "poet"]): _adapter(root / name, i)
+    for i, name in enumerate(["pirate", "poet"]): save_random_adapter("smollm2-135m-instruct", root / name, seed=i, std=0.05)
     served = load_served(ServerConfig(adapter_dir=str(root), api_key="sk-test", embeddings=None, max_queue=512))
     with ServerThread(served) as url:
         yield url, served
