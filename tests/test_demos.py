@@ -1,15 +1,14 @@
-"""The Gradio demos as a user meets them: each is served on a free loopback port (the chat demo as its own process,
+"""The Gradio demos as a user meets them: each is served on a free loopback port (chat and clip as their own process,
 through the CLI), opened in headless Chromium, given a prompt and submitted; the answers must arrive with live
 numbers, the fine-tune must answer differently from its base, and a screenshot of each page is kept. Nothing may be
 left running afterwards."""
-import os, shutil, signal, socket, subprocess, sys, time
+import contextlib, os, shutil, signal, socket, subprocess, sys, time
 from pathlib import Path
 import psutil
 import pytest
 from conftest import ROOT, CI_OUT
 
-CLI = [sys.executable, "-c", "import efficientai.deploy.demos, sys; from efficientai.cli import main; "
-                             "sys.exit(main(sys.argv[1:]))"]
+CLI = [str(Path(sys.executable).parent / "efficientai")]
 QUICK_LORA = ["--iters", "6", "--learning-rate", "1e-3", "--num-layers", "2", "--batch-size", "2",
               "--set", "val_batches=2", "--set", "steps_per_eval=100"]
 CHAT_IDS = ["base-answer", "tuned-answer", "base-tps", "tuned-tps", "base-ttft", "tuned-ttft", "base-mem", "tuned-mem",
@@ -50,36 +49,39 @@ def _listening(url: str) -> bool:
         return s.connect_ex((host, int(port))) == 0
 
 
-def _start(args: list[str], timeout_s: float = 180) -> tuple[subprocess.Popen, str, list[str]]:
-    "Start `efficientai demo ...`; returns the process, the URL it prints and its output so far."
+@contextlib.contextmanager
+def _serving(args: list[str], timeout_s: float = 180):
+    """Run `efficientai demo ...` as a process and yield the URL it prints; on exit stop it with SIGTERM and check
+    that it, its children and its port are gone."""
     proc = subprocess.Popen([*CLI, "demo", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=_env(), cwd=ROOT)
-    lines, end = [], time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None: break
-        lines.append(line)
-        if " running at " in line: return proc, line.split(" running at ")[1].split()[0], lines
-    proc.kill(); proc.wait()
-    raise AssertionError("the demo did not start:\n" + "".join(lines[-40:]))
+    lines, end, url = [], time.monotonic() + timeout_s, None
+    try:
+        while url is None and time.monotonic() < end:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None: break
+            lines.append(line)
+            if " running at " in line: url = line.split(" running at ")[1].split()[0]
+        assert url, "the demo did not start:\n" + "".join(lines[-40:])
+        main = psutil.Process(proc.pid)
+        family = [main, *main.children(recursive=True)]
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try: out = proc.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill(); out = proc.communicate()[0]
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + out
+    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], family
+    assert not _listening(url), f"{url} still answers after the demo stopped"
 
 
 def test_chat_demo_from_the_cli(adapter, shots):
     from efficientai.deploy.demos import drive, free_port
     from efficientai.zoo.instruct import load_cite_examples
     prompt = load_cite_examples("test")[0].prompt
-    proc, url, lines = _start(["chat", "--adapter-path", str(adapter), "--port", str(free_port()),
-                               "--max-tokens", "24"])
-    try:
-        main = psutil.Process(proc.pid)
-        family = [main, *main.children(recursive=True)]
+    with _serving(["chat", "--adapter-path", str(adapter), "--port", str(free_port()), "--max-tokens", "24"]) as url:
         seen = drive(url, prompt, CHAT_IDS, shots / "demo-chat.png")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + out
-    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], family
-    assert not _listening(url), f"{url} still answers after the demo stopped"
     assert (shots / "demo-chat.png").stat().st_size > 10_000
     base, tuned = seen["base-answer"], seen["tuned-answer"]
     assert base.strip() and tuned.strip(), seen
@@ -88,6 +90,30 @@ def test_chat_demo_from_the_cli(adapter, shots):
     # Different weights: the fine-tune answers in its training data's style (one line of JSON, keys in order),
     # which the base model, wrapping its JSON in a Markdown fence, does not.
     assert base != tuned and tuned.startswith('{"book": ') and not base.startswith('{"book": '), seen
+
+
+def test_clip_demo_from_the_cli(tmp_path, shots):
+    from efficientai.deploy.demos import drive, label_image, emoji_example
+    from efficientai.clip.model import load_clip
+    folder = tmp_path / "clip"
+    r = subprocess.run([*CLI, "clip", "train", "--out", str(folder), "--steps", "20", "--batch-size", "64"],
+                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    model = load_clip(folder)
+    image, labels = emoji_example(model.config.image_size)      # what the page opens with
+    ids = ["table", "status", "clip-image-ms", "clip-text-ms", "clip-mem", "clip-rss"]
+    with _serving(["clip", "--model", str(folder)]) as url:
+        seen = drive(url, "\n".join(labels), ids, shots / "demo-clip.png")
+    header, *rows = seen["table"]
+    assert header == ["label", "probability", "cosine similarity"], header
+    assert sorted(r[0] for r in rows) == sorted(labels), rows
+    probs = [float(r[1]) for r in rows]
+    assert abs(sum(probs) - 1) < 1e-3 and probs == sorted(probs, reverse=True), rows
+    for k in ids[2:]: assert float(seen[k]) > 0, (k, seen)
+    # The browser shows what the library computes for the same picture (it crossed the page as a lossless PNG).
+    want = label_image(model, image, labels)
+    assert [r[0] for r in rows] == want.labels, (rows, want)
+    assert max(abs(p - q) for p, q in zip(probs, want.probabilities)) < 1e-3, (rows, want)
 
 
 def test_quant_demo_in_process(shots):
