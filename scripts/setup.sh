@@ -4,9 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the toolkit uses on Debian/Ubuntu: an optimised BLAS that MLX can bind to, and the zoo's
+# System packages the toolkit uses on Debian/Ubuntu: an optimised BLAS that MLX can bind to, a C compiler for the
+# quantization chapter's CPU kernels (the server image has one too), and the zoo's
 # offline data: Fashion-MNIST, colour emoji, the King James Bible, WordNet; plus $EFFICIENTAI_EXTRA_APT (test.sh: a browser).
-APT_PACKAGES="python3 ca-certificates libopenblas0-pthread dataset-fashion-mnist fonts-noto-color-emoji bible-kjv wordnet-base unicode-cldr-core openclipart-svg librsvg2-bin"
+APT_PACKAGES="python3 ca-certificates libopenblas0-pthread gcc libc6-dev dataset-fashion-mnist fonts-noto-color-emoji bible-kjv wordnet-base unicode-cldr-core openclipart-svg librsvg2-bin"
 install_apt() {
   command -v apt-get >/dev/null 2>&1 || return 0
   local missing="" p
