@@ -6,7 +6,7 @@ Docs: https://efficientai.github.io/efficientai/00_foundation/cli.html.md"""
 
 # %% ../nbs/00_foundation/07_cli.ipynb #da08cd29
 from __future__ import annotations
-import argparse, json, sys
+import argparse, contextlib, json, sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -14,9 +14,9 @@ from typing import Callable
 from .errors import ToolkitError, ConfigError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'CHAPTER_CLIS', 'command', 'info', 'bench_matmul', 'bench_notebook', 'config_show', 'kernel_install',
-           'docs_build', 'docs_readme', 'notebooks_run', 'notebooks_slowest', 'add_run_config', 'run_config_values',
-           'parse_args', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'CHAPTER_CLIS', 'command', 'free_port', 'exit_on_sigterm', 'info', 'bench_matmul', 'bench_notebook',
+           'config_show', 'kernel_install', 'docs_build', 'docs_readme', 'notebooks_run', 'notebooks_slowest',
+           'add_run_config', 'run_config_values', 'parse_args', 'build_parser', 'main']
 
 # %% ../nbs/00_foundation/07_cli.ipynb #4f12547d
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
@@ -34,6 +34,24 @@ def _config(args):
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="config file (YAML/TOML/JSON/INI); default: settings.ini found upwards")
     p.add_argument("--profile", help="config profile, e.g. ci")
+
+# %% ../nbs/00_foundation/07_cli.ipynb #b8d2e1f3
+def free_port(host: str = "127.0.0.1") -> int:
+    "A TCP port on `host` that nothing listens on right now."
+    import socket
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+@contextlib.contextmanager
+def exit_on_sigterm():
+    "While the block runs, SIGTERM raises SystemExit (so `finally` and `with` blocks clean up); main thread only."
+    import signal, threading
+    if threading.current_thread() is not threading.main_thread():
+        yield; return
+    before = signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
+    try: yield
+    finally: signal.signal(signal.SIGTERM, before)
 
 # %% ../nbs/00_foundation/07_cli.ipynb #0671d09f
 @command("info")

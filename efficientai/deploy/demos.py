@@ -8,13 +8,10 @@ Docs: https://efficientai.github.io/efficientai/70_deploy/demos.html.md"""
 from __future__ import annotations
 import efficientai  # first: loads the fast BLAS before MLX
 import asyncio
-import contextlib
 import copy
 import os
 import queue
 import shutil
-import signal
-import socket
 import sys
 import threading
 import time
@@ -28,14 +25,14 @@ import mlx.nn as nn
 import psutil
 from mlx.utils import tree_flatten
 
-from ..cli import command
+from ..cli import command, exit_on_sigterm, free_port
 from ..errors import ConfigError, DependencyError, DeploymentError
 
 # %% auto #0
 __all__ = ['BROWSER_ARGS', 'CHAT_NUMBERS', 'QUANT_MODELS', 'QUANT_COLUMNS', 'CLIP_NUMBERS', 'DEMOS', 'Answer', 'ready',
            'stream_answers', 'MLXThread', 'on_mlx_thread', 'iterate_on_mlx_thread', 'precision', 'weights_mb',
-           'free_port', 'RunningDemo', 'launch', 'find_browser', 'drive', 'chat_demo', 'load_widths', 'quant_demo',
-           'Labels', 'split_labels', 'label_image', 'emoji_example', 'clip_demo', 'build_demo', 'demo_serve']
+           'RunningDemo', 'launch', 'find_browser', 'drive', 'chat_demo', 'load_widths', 'quant_demo', 'Labels',
+           'split_labels', 'label_image', 'emoji_example', 'clip_demo', 'build_demo', 'demo_serve']
 
 # %% ../../nbs/70_deploy/04_demos.ipynb #4cb3517a
 @dataclass
@@ -156,12 +153,6 @@ def _gradio():
     except ImportError as e:
         raise DependencyError("gradio is not installed", hint="uv sync (it is a core dependency: gradio>=6)") from e
     return gr
-
-def free_port(host: str = "127.0.0.1") -> int:
-    "A TCP port on `host` that nothing listens on right now."
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 @dataclass
 class RunningDemo:
@@ -437,15 +428,6 @@ def clip_demo(folder: Path | str, image=None, labels: list[str] | None = None):
     return blocks
 
 # %% ../../nbs/70_deploy/04_demos.ipynb #f61c8f72
-@contextlib.contextmanager
-def _stop_on_sigterm():
-    "While the block runs, SIGTERM raises SystemExit, so the server is closed on the way out (main thread only)."
-    if threading.current_thread() is not threading.main_thread():
-        yield; return
-    before = signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
-    try: yield
-    finally: signal.signal(signal.SIGTERM, before)
-
 def build_demo(args):
     "The `gr.Blocks` that `efficientai demo NAME ...` asks for."
     if args.name == "chat":
@@ -464,7 +446,7 @@ def build_demo(args):
 
 def demo_serve(args) -> int:
     blocks = build_demo(args)
-    with _stop_on_sigterm(), launch(blocks, args.host, args.port) as demo:
+    with exit_on_sigterm(), launch(blocks, args.host, args.port) as demo:
         print(f"demo {args.name} running at {demo.url} (Ctrl-C stops it)", flush=True)
         try:
             while True: time.sleep(0.5)

@@ -12,7 +12,6 @@ import efficientai  # first: loads the fast BLAS before MLX
 import asyncio
 import hmac
 import json
-import socket
 import threading
 import time
 import uuid
@@ -22,6 +21,7 @@ from typing import Any, Literal
 
 from starlette.requests import Request   # FastAPI reads the endpoints' annotations from this module's globals
 
+from ..cli import free_port   # the pages and tests import it from here too
 from ..errors import ConfigError, DeploymentError, ModelLoadingError, ToolkitError
 from .adapters import check_name, read_adapter
 from .engine import Engine, GenRequest, QueueFull
@@ -29,8 +29,8 @@ from .engine import Engine, GenRequest, QueueFull
 # %% auto #0
 __all__ = ['ROUTES', 'ServerConfig', 'Served', 'load_served', 'NotFound', 'RequestTimeout', 'resolve_model', 'load_adapter',
            'unload_adapter', 'TextPart', 'Message', 'ChatRequest', 'CompletionRequest', 'EmbeddingRequest',
-           'error_body', 'Guard', 'create_app', 'clip_name', 'decode_image', 'embed', 'prometheus_text', 'free_port',
-           'serve', 'ServerThread']
+           'error_body', 'Guard', 'create_app', 'clip_name', 'decode_image', 'embed', 'prometheus_text', 'serve',
+           'ServerThread']
 
 # %% ../../nbs/70_deploy/03_server.ipynb #5993dae8
 @dataclass
@@ -492,10 +492,6 @@ def prometheus_text(served: Served, counts: dict, latency: dict) -> str:
     return "\n".join(lines) + "\n"
 
 # %% ../../nbs/70_deploy/03_server.ipynb #ed33db04
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
 def serve(served: Served, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
     "Serve in the foreground until interrupted; in-flight requests get up to 30 s to finish."
     import uvicorn

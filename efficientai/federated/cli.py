@@ -8,15 +8,12 @@ Docs: https://efficientai.github.io/efficientai/60_federated/cli.html.md"""
 from __future__ import annotations
 import efficientai  # first: loads the fast BLAS before MLX
 import argparse
-import contextlib
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..cli import command, add_run_config
+from ..cli import command, add_run_config, exit_on_sigterm
 from ..errors import ConfigError, DeploymentError
 from ..io import atomic_write, atomic_write_json
 
@@ -143,15 +140,6 @@ def fed_simulate(args) -> int:
     return 0
 
 # %% ../../nbs/60_federated/10_cli.ipynb #41887fed
-@contextlib.contextmanager
-def _exit_on_sigterm():
-    "While the block runs, SIGTERM raises SystemExit (so `finally` and `with` blocks clean up); main thread only."
-    if threading.current_thread() is not threading.main_thread():
-        yield; return
-    before = signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
-    try: yield
-    finally: signal.signal(signal.SIGTERM, before)
-
 def _hold(fed, seconds: float, watch) -> None:
     "Wait until `seconds` pass (0: forever) or `watch` (a Service) exits, whichever first; Ctrl-C ends it quietly."
     end = time.monotonic() + seconds if seconds > 0 else float("inf")
@@ -167,7 +155,7 @@ def _hold(fed, seconds: float, watch) -> None:
 def fed_serve(args) -> int:
     from efficientai.federated.deploy import Federation, free_port
     link = Federation(0, home=args.home, host=args.host, port=args.port or free_port(args.host))
-    with _exit_on_sigterm(), link as fed:
+    with exit_on_sigterm(), link as fed:
         print(f"SuperLink listening on {args.host}:{fed.port} (FLWR_HOME={fed.home}); Ctrl-C stops it", flush=True)
         print(f"  join:   efficientai fed join --superlink {fed.address} --partition-id I --num-partitions N")
         print(f"  submit: efficientai fed run --superlink {fed.address} --clients N --out DIR", flush=True)
@@ -178,7 +166,7 @@ def fed_serve(args) -> int:
 def fed_join(args) -> int:
     from efficientai.federated.deploy import Federation, node_config
     node_config(args.partition_id, args.num_partitions)       # a bad share is named before anything starts
-    with _exit_on_sigterm(), Federation(0, superlink=args.superlink, home=args.home) as fed:
+    with exit_on_sigterm(), Federation(0, superlink=args.superlink, home=args.home) as fed:
         node = fed.start_node(args.partition_id, args.num_partitions)
         print(f"SuperNode {node.node_id} joined {args.superlink} with partition {args.partition_id} of "
               f"{args.num_partitions}; Ctrl-C stops it", flush=True)
@@ -203,7 +191,7 @@ def fed_run(args) -> int:
     exp = experiment_from_run_config(config)[0]             # bad values are named before anything starts
     args.out.mkdir(parents=True, exist_ok=True)
     fed = Federation(args.nodes if local else 0, superlink=args.superlink, home=args.home)
-    with _exit_on_sigterm(), fed:
+    with exit_on_sigterm(), fed:
         where = f"{args.nodes} local SuperNodes" if local else f"the SuperLink at {args.superlink}"
         print(f"{exp.strategy}, {exp.rounds} rounds on {where}", flush=True)
         def show(rec: dict) -> None:

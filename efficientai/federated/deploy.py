@@ -36,6 +36,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
+from ..cli import free_port   # also imported from here by the CLI and the tests
 from ..errors import ConfigError, DependencyError, DeploymentError
 from ..io import atomic_write, atomic_write_json, append_jsonl, read_jsonl
 from ..notebooks import THREAD_VARS
@@ -45,8 +46,8 @@ from .server import Experiment, History, run_experiment
 # %% auto #0
 __all__ = ['RUN_KEYS', 'TASK_KEYS', 'server_app', 'APP_NAME', 'COMPONENTS', 'run_config_defaults', 'parse_byzantine',
            'experiment_from_run_config', 'round_record', 'RoundLog', 'rounds_path', 'RoundFile', 'serve_experiment',
-           'write_app', 'write_connection', 'flower_bin', 'free_port', 'flower_env', 'node_config', 'Service',
-           'stop_processes', 'process_tree', 'Federation', 'FlowerRun', 'Deployed', 'read_record', 'rounds_table']
+           'write_app', 'write_connection', 'flower_bin', 'flower_env', 'node_config', 'Service', 'stop_processes',
+           'process_tree', 'Federation', 'FlowerRun', 'Deployed', 'read_record', 'rounds_table']
 
 # %% ../../nbs/60_federated/08_deploy.ipynb #a711d06f
 RUN_KEYS = {"strategy": "fedavg", "rounds": 3, "fraction-train": 1.0, "min-train-nodes": 2, "timeout": 600.0,
@@ -239,12 +240,6 @@ def flower_bin(name: str) -> Path:
         raise DependencyError(f"Flower's `{name}` command was not found", where=here.parent,
                               hint="install flwr>=1.42 into this environment")
     return Path(found)
-
-def free_port(host: str = "127.0.0.1") -> int:
-    "A TCP port on `host` that nothing listens on right now."
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 def flower_env(home: Path | str, threads: int | None = None) -> dict[str, str]:
     "The environment of every Flower process started here: private `FLWR_HOME`, offline, this environment first."
