@@ -135,3 +135,30 @@ def test_quant_demo_in_process(shots):
     assert sizes[0] > sizes[1] > sizes[2], sizes
     assert [r[1].split()[0] for r in rows] == ["float32", "8-bit", "4-bit"], rows
     assert seen["status"].startswith("done"), seen
+
+
+def test_diffusion_demo_from_the_cli(tmp_path, shots):
+    """`efficientai diffusion train` makes a small class-conditional model; `efficientai demo diffusion` serves it; the
+    page draws, for two class names, the pixels `draw_samples` draws in this process with the page's settings."""
+    import io, urllib.request
+    import numpy as np
+    from PIL import Image
+    from efficientai.deploy.demos import draw_samples, drive, enlarge, on_mlx_thread, open_diffusion
+    folder = tmp_path / "diffusion"
+    r = subprocess.run([*CLI, "diffusion", "train", "--out", str(folder), "--steps", "30", "--batch-size", "16",
+                        "--channels", "16,32,32"], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ids = ["gallery", "status", "diffusion-seconds", "diffusion-per-image", "diffusion-per-step", "diffusion-mem",
+           "diffusion-rss"]
+    with _serving(["diffusion", "--model", str(folder)]) as url:
+        seen = drive(url, "Trouser, 9", ids, shots / "demo-diffusion.png")
+        served = [np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(u, timeout=30).read())))
+                  for u in seen["gallery"]]
+        with pytest.raises(Exception, match="no class 'Hat'"):
+            drive(url, "Hat", ["status"])
+    assert seen["status"].startswith("done: 8 samples"), seen          # the page's default: 4 of each class
+    for k in ids[2:]: assert float(seen[k]) > 0, (k, seen)
+    want = on_mlx_thread(draw_samples, open_diffusion(folder), "Trouser, Ankle boot", 4)
+    assert want.captions == ["Trouser"] * 4 + ["Ankle boot"] * 4, want.captions
+    assert len(served) == 8, len(served)
+    for got, w in zip(served, want.images): assert np.array_equal(got, enlarge(w))

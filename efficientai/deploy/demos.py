@@ -1,4 +1,4 @@
-"""`efficientai demo chat|quant|clip` starts a Gradio page with live speed and memory: the base model next to its LoRA fine-tune, or one prompt through float, 8-bit and 4-bit weights, streamed token by token; or zero-shot labels for an image with the CLIP chapter's model. `drive` opens a demo in headless Chromium, types, submits, reads the answers and keeps a screenshot; this page and the tests use it.
+"""`efficientai demo chat|quant|clip|diffusion` starts a Gradio page with live speed and memory: the base model next to its LoRA fine-tune, or one prompt through float, 8-bit and 4-bit weights, streamed token by token; zero-shot labels for an image with the CLIP chapter's model; or samples of a diffusion model for class names or a description, with steps, guidance and time per image. `drive` opens a demo in headless Chromium, types, submits, reads the answers and keeps a screenshot; this page and the tests use it.
 
 Docs: https://efficientai.github.io/efficientai/70_deploy/demos.html.md"""
 
@@ -26,13 +26,14 @@ import psutil
 from mlx.utils import tree_flatten
 
 from ..cli import command, exit_on_sigterm, free_port
-from ..errors import ConfigError, DependencyError, DeploymentError
+from ..errors import ConfigError, DependencyError, DeploymentError, ModelLoadingError
 
 # %% auto #0
-__all__ = ['BROWSER_ARGS', 'CHAT_NUMBERS', 'QUANT_MODELS', 'QUANT_COLUMNS', 'CLIP_NUMBERS', 'DEMOS', 'Answer', 'ready',
-           'stream_answers', 'MLXThread', 'on_mlx_thread', 'iterate_on_mlx_thread', 'precision', 'weights_mb',
+__all__ = ['BROWSER_ARGS', 'CHAT_NUMBERS', 'QUANT_MODELS', 'QUANT_COLUMNS', 'CLIP_NUMBERS', 'SAMPLE_NUMBERS', 'DEMOS', 'Answer',
+           'ready', 'stream_answers', 'MLXThread', 'on_mlx_thread', 'iterate_on_mlx_thread', 'precision', 'weights_mb',
            'RunningDemo', 'launch', 'find_browser', 'drive', 'chat_demo', 'load_widths', 'quant_demo', 'Labels',
-           'split_labels', 'label_image', 'emoji_example', 'clip_demo', 'build_demo', 'demo_serve']
+           'split_labels', 'label_image', 'emoji_example', 'clip_demo', 'DiffusionModel', 'open_diffusion', 'Samples',
+           'draw_samples', 'enlarge', 'diffusion_demo', 'build_demo', 'demo_serve']
 
 # %% ../../nbs/70_deploy/04_demos.ipynb #4cb3517a
 @dataclass
@@ -193,6 +194,8 @@ _READ = """ids => Object.fromEntries(ids.map(id => {
   const rows = [...el.querySelectorAll('[role=row]')];  // Gradio's Dataframe: a header <tr>, then <div> rows
   if (rows.length) return [id, rows.map(r => [...r.querySelectorAll('[role=columnheader], [role=gridcell]')]
                                               .map(c => c.innerText.trim()))];
+  const imgs = [...el.querySelectorAll('img')];          // a Gallery: the addresses of its images
+  if (imgs.length) return [id, imgs.map(i => i.src)];
   const box = el.querySelector('textarea, input');
   if (box) return [id, box.value];
   return [id, el.innerText.trim()];
@@ -225,7 +228,8 @@ def _drive(url: str, prompt: str, read: list[str], screenshot: Path | None, time
 def drive(url: str, prompt: str, read: list[str], screenshot: Path | str | None = None, *,
           timeout_s: float = 300, size: tuple[int, int] = (1280, 900)) -> dict[str, Any]:
     """Open the demo at `url` in headless Chromium, type `prompt` into `#prompt`, click `#submit`, wait until `#status`
-    says done, and return the value of each element id in `read` (a text, or a table's rows); saves a screenshot."""
+    says done, and return the value of each element id in `read` (a text, a table's rows, or a
+    gallery's image URLs); saves a screenshot."""
     args = (url, prompt, read, None if screenshot is None else Path(screenshot), timeout_s, size)
     try: asyncio.get_running_loop()
     except RuntimeError: return _drive(*args)
@@ -427,6 +431,142 @@ def clip_demo(folder: Path | str, image=None, labels: list[str] | None = None):
         for trigger in (submit.click, prompt.submit): trigger(answer, [picture, prompt], outputs)
     return blocks
 
+# %% ../../nbs/70_deploy/04_demos.ipynb #f4e808c9
+@dataclass
+class DiffusionModel:
+    "A saved diffusion model of either kind, loaded: class-conditional (`classes`) or text-to-image (`ae`, `encoder`)."
+    folder: Path
+    unet: Any
+    config: Any                   # its DiffusionConfig
+    meta: dict                    # the whole config.json
+    classes: list[str] | None = None
+    ae: Any = None                # latent models: the autoencoder, the latent scale and the prompt encoder
+    scale: float = 1.0
+    encoder: Any = None
+
+    @property
+    def text(self) -> bool: return self.ae is not None
+
+def open_diffusion(folder: Path | str, encoder: Path | str | None = None) -> DiffusionModel:
+    """Load the diffusion model saved in `folder`: by `efficientai diffusion train` / `save_diffusion` (class labels), or
+    by `save_latent_diffusion` (text prompts, embedded by `encoder`: the zoo's MiniLM unless given)."""
+    import json
+    folder = Path(folder).expanduser()
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadingError("not a diffusion model folder (no config.json)", where=folder,
+                                hint="train one: efficientai diffusion train --out MODEL")
+    try: kind = json.loads(cfg_file.read_text()).get("kind")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError): kind = None   # the loaders say why
+    if kind == "latent-diffusion":
+        from efficientai.diffusion.latent import load_latent_diffusion
+        from efficientai.zoo.minilm import load_encoder
+        ae, unet, config, scale, meta = load_latent_diffusion(folder)
+        enc = load_encoder(encoder)
+        for m in (ae, unet, enc.model): ready(m)
+        return DiffusionModel(folder, unet, config, meta, ae=ae, scale=scale, encoder=enc)
+    from efficientai.diffusion.cli import load_model
+    unet, config, meta = load_model(folder)
+    classes = meta.get("classes") or [str(i) for i in range(unet.config.num_classes)]
+    return DiffusionModel(folder, ready(unet), config, meta, classes=list(classes))
+
+# %% ../../nbs/70_deploy/04_demos.ipynb #2fa3feeb
+@dataclass
+class Samples:
+    "The images one request drew (uint8 H×W or H×W×3), their captions, and what they cost."
+    images: list
+    captions: list[str]
+    steps: int = 0
+    guidance: float = 1.0
+    seconds: float = 0.0
+    ms_per_image: float = 0.0
+    ms_per_step: float = 0.0      # one sampler step for the whole batch
+    peak_memory_gb: float = 0.0
+    rss_gb: float = 0.0
+
+def draw_samples(m: DiffusionModel, prompt: str, n: int = 4, *, steps: int | None = None, guidance: float | None = None,
+                 seed: int = 0) -> Samples:
+    """`n` samples for `prompt`: a description for a text-to-image model; class names or numbers, comma-separated, for
+    a class-conditional one (`n` of each). Steps and guidance default to the model's own."""
+    import numpy as np
+    from efficientai.diffusion.cli import pick_classes, sampling_settings
+    from efficientai.diffusion.train import generate, to_uint8
+    if not prompt or not prompt.strip():
+        raise ConfigError("the prompt is empty", key="prompt",
+                          hint="describe a picture" if m.text else f"name a class: {', '.join(m.classes)}")
+    if int(n) < 1: raise ConfigError("ask for at least one sample", key="n", got=n)
+    steps, sampler, guidance = sampling_settings(m.meta, steps, None, guidance)
+    if m.text: captions = [prompt.strip()] * int(n)
+    else:
+        picked = pick_classes(prompt, m.classes)
+        captions = [m.classes[i] for i in picked for _ in range(int(n))]
+    with _GENERATE:
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        if m.text:
+            from efficientai.diffusion.latent import embed_prompts, generate_images
+            cond = np.repeat(embed_prompts([prompt.strip()], m.encoder), int(n), axis=0)
+            images = generate_images(m.unet, m.ae, cond, m.config, m.scale, steps=steps, guidance=guidance, seed=seed,
+                                     sampler=sampler)
+        else:
+            x = generate(m.unet, np.repeat(np.array(picked), int(n)), m.config, steps=steps, sampler=sampler,
+                         guidance=guidance, seed=seed)
+            images = to_uint8(x, tuple(m.meta.get("image_shape") or (m.unet.config.image_size,) * 2))
+        seconds = time.perf_counter() - t0
+    images = [im[..., 0] if im.shape[-1] == 1 else im for im in images]
+    return Samples(images, captions, steps, guidance, seconds, seconds / len(images) * 1e3, seconds / steps * 1e3,
+                   mx.get_peak_memory() / 1e9, _rss_gb())
+
+# %% ../../nbs/70_deploy/04_demos.ipynb #710cc478
+SAMPLE_NUMBERS = {"seconds": ("seconds", 2, "seconds"), "ms_per_image": ("ms per image", 0, "per-image"),
+                  "ms_per_step": ("ms per step", 1, "per-step"), "peak_memory_gb": ("peak memory (GB)", 3, "mem"),
+                  "rss_gb": ("RSS (GB)", 2, "rss")}
+
+def enlarge(image, side: int = 128):
+    "`image` repeated pixel by pixel (nearest neighbour) to at least `side` pixels a side, so small samples show sharp."
+    import numpy as np
+    k = max(1, -(-side // max(image.shape[:2])))
+    return np.repeat(np.repeat(image, k, axis=0), k, axis=1)
+
+# %% ../../nbs/70_deploy/04_demos.ipynb #c382b438
+def diffusion_demo(folder: Path | str, *, n: int = 4, steps: int | None = None, guidance: float | None = None,
+                   seed: int = 0, prompt: str | None = None, examples: list[str] | None = None):
+    "A `gr.Blocks`: samples of the diffusion model saved in `folder`, for class names or (latent models) a description."
+    from efficientai.diffusion.cli import sampling_settings
+    gr = _gradio()
+    m = open_diffusion(folder)
+    own_steps, sampler, own_guidance = sampling_settings(m.meta, steps, None, guidance)
+    if m.text:
+        what, label = "a text-to-image latent model (prompts embedded by MiniLM)", "describe a picture"
+        start, examples = prompt or "red apple", examples or ["red apple", "smiling face with heart-eyes", "snowflake"]
+    else:
+        what, label = f"a class-conditional model of {len(m.classes)} classes", f"classes ({', '.join(m.classes)})"
+        start, examples = prompt or m.classes[0], examples or [", ".join(m.classes[:3]), m.classes[-1]]
+    with gr.Blocks(title="EfficientAI: diffusion samples") as blocks:
+        gr.Markdown(f"## Diffusion samples\n`{m.folder.name}`: {what}, {m.unet.config.image_size}-pixel "
+                    f"{'latents' if m.text else 'images'}, sampled with {sampler}. Fewer steps: faster, rougher.")
+        text = gr.Textbox(value=start, label=label, lines=2, elem_id="prompt")
+        with gr.Row():
+            submit = gr.Button("Generate", variant="primary", elem_id="submit")
+            count = gr.Slider(1, 16, value=n, step=1, label="samples" + ("" if m.text else " per class"), elem_id="n")
+            n_steps = gr.Slider(1, 100, value=own_steps, step=1, label="steps", elem_id="steps")
+            scale = gr.Slider(1.0, 8.0, value=own_guidance, step=0.5, label="guidance", elem_id="guidance")
+            seed_box = gr.Number(value=seed, precision=0, label="seed", elem_id="seed")
+        status = gr.Markdown("", elem_id="status")
+        gallery = gr.Gallery(format="png", columns=8, object_fit="contain", label="samples", elem_id="gallery")
+        numbers = _numbers(gr, "diffusion", SAMPLE_NUMBERS)
+        gr.Examples(examples, inputs=text)
+
+        def answer(text: str, k: float, s: float, g: float, sd: float):
+            r = on_mlx_thread(draw_samples, m, text, int(k), steps=int(s), guidance=float(g), seed=int(sd or 0))
+            pictures = [(enlarge(im), c) for im, c in zip(r.images, r.captions)]
+            return [pictures] + [getattr(r, f) for f in numbers] + [
+                f"done: {len(r.images)} samples, {r.steps} steps, guidance {r.guidance:g}, {r.seconds:.2f} s"]
+
+        outputs = [gallery, *numbers.values(), status]
+        for trigger in (submit.click, text.submit): trigger(answer, [text, count, n_steps, scale, seed_box], outputs)
+    return blocks
+
 # %% ../../nbs/70_deploy/04_demos.ipynb #f61c8f72
 def build_demo(args):
     "The `gr.Blocks` that `efficientai demo NAME ...` asks for."
@@ -441,6 +581,11 @@ def build_demo(args):
             raise ConfigError("the clip demo needs a CLIP model folder", key="--model",
                               hint="train one: efficientai clip train --out clip-model --steps 300")
         return clip_demo(args.model)
+    if args.name == "diffusion":
+        if args.model is None:
+            raise ConfigError("the diffusion demo needs a diffusion model folder", key="--model",
+                              hint="train one: efficientai diffusion train --out diffusion-model --steps 400")
+        return diffusion_demo(args.model, examples=args.example)
     return quant_demo(args.models or QUANT_MODELS, max_tokens=args.max_tokens, kernels=args.kernels,
                       examples=args.example)
 
@@ -454,19 +599,21 @@ def demo_serve(args) -> int:
     return 0
 
 # %% ../../nbs/70_deploy/04_demos.ipynb #5bd96386
-DEMOS = ("chat", "quant", "clip")
+DEMOS = ("chat", "quant", "clip", "diffusion")
 
 @command("demo")
 def _demo_cli(sub):
-    p = sub.add_parser("demo", help="Gradio demos with live speed and memory: chat | quant | clip")
+    p = sub.add_parser("demo", help="Gradio demos with live speed and memory: chat | quant | clip | diffusion")
     p.add_argument("name", choices=DEMOS, help="chat: base vs fine-tuned; quant: one prompt, several bit widths; "
-                                               "clip: zero-shot labels for an image")
+                                               "clip: zero-shot labels for an image; diffusion: samples for class names or a "
+                                               "description")
     p.add_argument("--host", default="127.0.0.1", help="interface to serve on (0.0.0.0: the network)")
     p.add_argument("--port", type=int, help="port (default: a free one)")
     p.add_argument("--max-tokens", type=int, default=64, help="initial answer length (the page has a slider)")
     p.add_argument("--adapter-path", type=Path, help="chat: LoRA adapter folder (efficientai lora train, mlx_lm.lora)")
     p.add_argument("--model", help="chat: base model (default: the one the adapter's run config names); "
-                                   "clip: the model folder (efficientai clip train --out)")
+                                   "clip, diffusion: the model folder (efficientai clip train --out, "
+                                   "efficientai diffusion train --out, or a saved latent text-to-image model)")
     p.add_argument("--models", nargs="+", help=f"quant: models to compare (default: {' '.join(QUANT_MODELS)})")
     p.add_argument("--kernels", default="auto", choices=("auto", "on", "off"),
                    help="quant: run quantized models on the CPU kernels")

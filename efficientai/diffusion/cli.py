@@ -16,8 +16,8 @@ from ..cli import command, add_run_config
 from ..errors import ConfigError, DataError
 
 # %% auto #0
-__all__ = ['class_folder', 'training_data', 'parse_channels', 'diffusion_train', 'load_model', 'sampling_settings',
-           'diffusion_sample', 'diffusion_distill', 'diffusion_lora', 'diffusion_export']
+__all__ = ['class_folder', 'training_data', 'parse_channels', 'diffusion_train', 'pick_classes', 'load_model',
+           'sampling_settings', 'diffusion_sample', 'diffusion_distill', 'diffusion_lora', 'diffusion_export']
 
 # %% ../../nbs/50_diffusion/09_cli.ipynb #9a910c7e
 def class_folder(folder: Path | str, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -150,7 +150,8 @@ def diffusion_train(args) -> int:
     print(f"saved to {args.out} (one sample per class: {args.out.name}-samples.png)")
     return 0
 
-def _pick_classes(spec: str, classes: list[str]) -> list[int]:
+def pick_classes(spec: str, classes: list[str]) -> list[int]:
+    "Class indices from `spec`: comma-separated names or numbers; empty: every class."
     if not spec: return list(range(len(classes)))
     out = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
@@ -182,7 +183,7 @@ def diffusion_sample(args) -> int:
     model, dcfg, meta = load_model(args.model, args.adapter, args.strength)
     steps, sampler, guidance = sampling_settings(meta, args.steps, args.sampler, args.guidance)
     classes = meta.get("classes") or [str(i) for i in range(model.config.num_classes)]
-    picked = _pick_classes(args.classes, classes)
+    picked = pick_classes(args.classes, classes)
     labels = np.repeat(np.array(picked), args.n)
     x = generate(model, labels, dcfg, steps=steps, sampler=sampler, guidance=guidance, seed=args.seed, progress=True)
     shape = tuple(meta.get("image_shape") or (model.config.image_size,) * 2)
