@@ -13,7 +13,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['log', 'blas_status', 'ALLOCATOR_SETTINGS', 'allocator_status', 'find_fast_blas', 'BlasStatus', 'preload_fast_blas',
            'AllocatorStatus', 'tune_allocator', 'BackendInfo', 'mlx_backend', 'backend_info', 'use_device',
-           'matmul_gflops', 'plain_mlx_matmul_times', 'plain_mlx_matmul_gflops', 'install_kernel']
+           'seed_everything', 'matmul_gflops', 'plain_mlx_matmul_times', 'plain_mlx_matmul_gflops', 'install_kernel']
 
 # %% ../nbs/00_foundation/01_backend.ipynb #b16f1bcc
 log = logging.getLogger("efficientai.backend")
@@ -198,6 +198,14 @@ def use_device(preference: str = "auto") -> str:
                                          hint="use device 'auto' or 'cpu', or install mlx with Metal/CUDA support")
     mx.set_default_device(mx.cpu if preference == "cpu" or backend == "cpu" else mx.gpu)
     return "cpu" if preference == "cpu" else backend
+
+# %% ../nbs/00_foundation/01_backend.ipynb #5eed0a02
+def seed_everything(seed: int) -> int:
+    "Seed MLX's global key, numpy's global state and Python's `random` with `seed` (`project.seed`)."
+    import random
+    import mlx.core as mx, numpy as np
+    mx.random.seed(seed); np.random.seed(seed); random.seed(seed)
+    return seed
 
 # %% ../nbs/00_foundation/01_backend.ipynb #1fb1f9ea
 def matmul_gflops(n: int = 2048, dtype: str = "float32", lib: str = "mlx", repeats: int = 5, warmup: int = 1,

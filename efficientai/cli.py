@@ -6,17 +6,18 @@ Docs: https://efficientai.github.io/efficientai/00_foundation/cli.html.md"""
 
 # %% ../nbs/00_foundation/07_cli.ipynb #da08cd29
 from __future__ import annotations
-import argparse, contextlib, json, sys
-from dataclasses import asdict
+import argparse, contextlib, json, logging, sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 from .errors import ToolkitError, ConfigError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'CHAPTER_CLIS', 'command', 'free_port', 'exit_on_sigterm', 'info', 'bench_matmul', 'bench_notebook',
-           'config_show', 'kernel_install', 'docs_build', 'docs_readme', 'notebooks_run', 'notebooks_slowest',
-           'add_run_config', 'run_config_values', 'parse_args', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'log', 'CHAPTER_CLIS', 'command', 'OutputDefault', 'resolve_output_defaults', 'free_port',
+           'exit_on_sigterm', 'info', 'bench_matmul', 'bench_notebook', 'config_show', 'kernel_install', 'docs_build',
+           'docs_readme', 'notebooks_run', 'notebooks_slowest', 'add_run_config', 'run_config_values', 'parse_args',
+           'apply_settings', 'build_parser', 'main']
 
 # %% ../nbs/00_foundation/07_cli.ipynb #4f12547d
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
@@ -28,12 +29,28 @@ def command(name: str):
     return deco
 
 def _config(args):
+    "The settings this command runs under: `--config`/`--profile` where it has them, else the environment's."
     from efficientai.config import ConfigManager
-    return ConfigManager(getattr(args, "config", None), getattr(args, "profile", None))
+    return ConfigManager(getattr(args, "settings_file", None), getattr(args, "settings_profile", None))
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="config file (YAML/TOML/JSON/INI); default: settings.ini found upwards")
-    p.add_argument("--profile", help="config profile, e.g. ci")
+    p.add_argument("--config", dest="settings_file", type=Path,
+                   help="config file (YAML/TOML/JSON/INI); default: settings.ini found upwards")
+    p.add_argument("--profile", dest="settings_profile", help="config profile, e.g. ci")
+
+# %% ../nbs/00_foundation/07_cli.ipynb #0d1f0a02
+@dataclass(frozen=True)
+class OutputDefault:
+    "An option's default folder `name` inside `project.output_dir`; `main` resolves it from the active settings."
+    name: str
+    def __str__(self) -> str: return f"OUTPUT_DIR/{self.name}"    # what --help shows
+    def under(self, output_dir: Path | str) -> Path: return Path(output_dir).expanduser() / self.name
+
+def resolve_output_defaults(args: argparse.Namespace, output_dir: Path | str) -> argparse.Namespace:
+    "Every option of `args` still at an `OutputDefault` becomes its folder inside `output_dir`."
+    for k, v in list(vars(args).items()):
+        if isinstance(v, OutputDefault): setattr(args, k, v.under(output_dir))
+    return args
 
 # %% ../nbs/00_foundation/07_cli.ipynb #b8d2e1f3
 def free_port(host: str = "127.0.0.1") -> int:
@@ -97,7 +114,7 @@ def _bench_cmd(sub):
     n = bs.add_parser("notebook", help="execute nbs/benchmarks/NAME.ipynb with the given parameters")
     n.add_argument("name", help="notebook name or path, e.g. matmul")
     n.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
-    n.add_argument("--out", type=Path, default=Path("runs/notebooks/benchmarks"))
+    n.add_argument("--out", type=Path, default=OutputDefault("notebooks/benchmarks"), help="default: %(default)s")
     n.set_defaults(func=bench_notebook)
 
 def bench_matmul(args) -> int:
@@ -180,8 +197,8 @@ def _docs_cmd(sub):
     ds = p.add_subparsers(dest="docs_cmd", required=True)
     b = ds.add_parser("build", help="build the site offline to HTML (with Quarto installed, `nbdev-docs` builds the full site)")
     b.add_argument("--out", type=Path, default=Path("_site"))
-    b.add_argument("--executed", type=Path, default=Path("runs/notebooks"),
-                   help="the executed copies `efficientai notebooks run` wrote (default: runs/notebooks)")
+    b.add_argument("--executed", type=Path, default=OutputDefault("notebooks"),
+                   help="the executed copies `efficientai notebooks run` wrote (default: %(default)s)")
     b.add_argument("--execute", action="store_true", help="run every notebook into --executed first")
     b.add_argument("-j", "--jobs", type=int, default=1, help="with --execute: notebooks at a time")
     b.add_argument("--code-only", action="store_true", help="render the sources without outputs (no execution)")
@@ -218,13 +235,14 @@ def _notebooks_cmd(sub):
     ns = p.add_subparsers(dest="notebooks_cmd", required=True)
     r = ns.add_parser("run", help="execute every notebook (or those under PATHS) with quick parameters")
     r.add_argument("paths", nargs="*", help="folders or notebooks under nbs/, e.g. 10_lora or nbs/benchmarks/lora.ipynb")
-    r.add_argument("--out", type=Path, default=Path("runs/notebooks"), help="where the executed copies go")
+    r.add_argument("--out", type=Path, default=OutputDefault("notebooks"),
+                   help="where the executed copies go (default: %(default)s, OUTPUT_DIR from project.output_dir)")
     r.add_argument("-j", "--jobs", type=int, default=1, help="notebooks at a time, each pinned to its share of the CPUs")
     r.add_argument("--full", action="store_true", help="the notebooks' own parameters, not quick/NAME.yaml")
     r.add_argument("--hints", type=Path, help="JSON {notebook: seconds} from an earlier run (longest start first)")
     r.set_defaults(func=notebooks_run)
     s = ns.add_parser("slowest", help="the slowest notebooks and tests recorded in a run folder")
-    s.add_argument("out", type=Path, nargs="?", default=Path("runs/notebooks"))
+    s.add_argument("out", type=Path, nargs="?", default=OutputDefault("notebooks"), help="default: %(default)s")
     s.add_argument("-n", type=int, default=15, help="rows")
     s.set_defaults(func=notebooks_slowest)
 
@@ -329,6 +347,26 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
         sub.error(f"the following arguments are required: {', '.join(missing)} (as flags or in -c FILE)")
     return args
 
+# %% ../nbs/00_foundation/07_cli.ipynb #a9915e02
+log = logging.getLogger("efficientai.cli")
+
+def apply_settings(cm, verbose: bool = False):
+    "Make the `project` keys of `cm` (a `ConfigManager`) take effect: logging, device and seeds; returns them."
+    from efficientai.backend import use_device, seed_everything
+    from efficientai.errors import HardwareCompatibilityError
+    from efficientai.logging import setup_logging
+    project, profile = cm.project, cm.profile or "DEFAULT"
+    level = "DEBUG" if verbose else project.log_level.upper()
+    setup_logging(level, json_lines=project.log_json)
+    try: device = use_device(project.device)
+    except HardwareCompatibilityError as e:
+        raise ConfigError(f"{e.message}, but profile {profile} asks for it", file=cm.path, key="project.device",
+                          hint="set it to auto or cpu (EFFICIENTAI_PROJECT__DEVICE=auto), or pick another profile") from e
+    seed_everything(project.seed)
+    log.debug("settings %s, profile %s: device %s, seed %d, output_dir %s, log %s%s", cm.path or "(defaults)", profile,
+              device, project.seed, project.output_dir, level, " as JSON" if project.log_json else "")
+    return project
+
 # %% ../nbs/00_foundation/07_cli.ipynb #5a268df5
 CHAPTER_CLIS = ("efficientai.zoo.catalog", "efficientai.lora.cli", "efficientai.quant.cli", "efficientai.compress.cli",
                 "efficientai.clip.cli", "efficientai.diffusion.cli",
@@ -348,10 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     "Run the `efficientai` command line."
-    from efficientai.logging import setup_logging
     try:
         args = parse_args(build_parser(), argv)
-        setup_logging("DEBUG" if args.verbose else "WARNING")
+        project = apply_settings(_config(args), verbose=args.verbose)
+        resolve_output_defaults(args, project.output_dir)
         return args.func(args) or 0
     except ToolkitError as e:
         print(f"error: {e}", file=sys.stderr)

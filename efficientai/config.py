@@ -31,10 +31,10 @@ class ProjectConfig:
     "Where the toolkit keeps things and how it behaves, for every chapter."
     name: str = "efficientai"
     cache_dir: Path = Path("~/.cache/efficientai")            # downloaded/converted models and data
-    output_dir: Path = Path("runs")                            # results, checkpoints, logs
+    output_dir: Path = Path("runs")                            # where commands write when given no path
     log_level: str = field(default="INFO", metadata=_rule(lambda v: v.upper() in LOG_LEVELS, f"one of {LOG_LEVELS}"))
-    log_json: bool = False                                     # also write JSON-lines logs
-    seed: int = 0
+    log_json: bool = False                                     # logs as JSON lines (the CLI: on stderr)
+    seed: int = field(default=0, metadata=_rule(lambda v: 0 <= v < 2**32, "in 0..2**32-1"))  # global generators
     device: str = field(default="auto", metadata=_rule(lambda v: v in ("auto", "cpu", "gpu"), "auto, cpu or gpu"))
 
 @dataclass

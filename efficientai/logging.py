@@ -31,7 +31,7 @@ def get_logger(name: str = "") -> logging.Logger:
 
 def setup_logging(level: str | int = "INFO", run_dir: Path | str | None = None, json_lines: bool = False,
                   console: bool = True) -> logging.Logger:
-    "Configure the `efficientai` logger: console, `run_dir/run.log` and optionally `run_dir/run.jsonl`."
+    "Configure the `efficientai` logger: console, `run_dir/run.log`, JSON lines (`run_dir/run.jsonl` or the console)."
     logger = logging.getLogger(ROOT)
     for h in [h for h in logger.handlers if getattr(h, "_efficientai", False)]:
         logger.removeHandler(h); h.close()
@@ -40,7 +40,8 @@ def setup_logging(level: str | int = "INFO", run_dir: Path | str | None = None, 
     handlers: list[logging.Handler] = []
     if console:
         h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        text = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+        h.setFormatter(JsonLinesFormatter() if json_lines and run_dir is None else text)  # no run folder: JSON here
         handlers.append(h)
     if run_dir is not None:
         run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
