@@ -1,8 +1,22 @@
 """The compression chapter end to end from the command line: what a user who never opens a notebook runs."""
-import json
-from conftest import BIN, run
+import hashlib, json, os, resource, subprocess
+from pathlib import Path
+
+from conftest import BIN, ROOT, run
 
 MODEL = "smollm2-135m-instruct"
+
+
+def full_disk_run(args, max_file_bytes: int):
+    "Run `args` as `run` does, but no file it writes may grow past `max_file_bytes`: a disk that fills up mid-save."
+    e = {k: v for k, v in os.environ.items() if not k.startswith("EFFICIENTAI_")}
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+    return subprocess.run(args, cwd=ROOT, env=e, capture_output=True, text=True, timeout=900, preexec_fn=limit)
+
+
+def digests(folder: Path) -> dict:
+    return {f.relative_to(folder).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 def test_pruned_quantized_llm_is_an_mlx_lm_folder(cli, tmp_path):
@@ -41,9 +55,17 @@ def test_bad_inputs_name_what_is_wrong_and_keep_earlier_results(cli, tmp_path):
     assert p.returncode == 2 and "heads" in p.stderr, p.stderr
     assert not (tmp_path / "x").exists()
     out = tmp_path / "cnn"
-    cli("compress", "run", "fashion-cnn", "--pipeline", "prune=0.5", "--no-onnx", "--repeat", "1", "--out", str(out))
-    before = {f.name: f.stat().st_size for f in (out / "model").iterdir()}
+    cli("compress", "run", "fashion-cnn", "--pipeline", "prune=0.5,quantize=q8g32", "--no-onnx", "--repeat", "1",
+        "--out", str(out))
+    before = digests(out / "model")
     p = cli("compress", "run", "fashion-cnn", "--pipeline", "prune=0.5,quantize=q8", "--no-onnx", "--out", str(out), check=False)
     # 8-bit groups of 64 would leave the pruned CNN's layers in float: refused, naming the layers, nothing overwritten
     assert p.returncode == 2 and "fc" in p.stderr and "g32" in p.stderr, p.stderr
-    assert {f.name: f.stat().st_size for f in (out / "model").iterdir()} == before
+    assert digests(out / "model") == before
+    # The float pruned model (stages resumed from the first run) saved on a disk that fills up while it writes the
+    # weights (files capped at 1 MB, the weights are 1.6 MB): the save fails half-way, the q8 model stays as it was.
+    p = full_disk_run([str(BIN / "efficientai"), "compress", "run", "fashion-cnn", "--pipeline", "prune=0.5", "--no-onnx",
+                       "--repeat", "1", "--out", str(out)], 1_000_000)
+    assert p.returncode != 0 and "Unable to write" in p.stderr, p.stderr[-3000:]
+    assert digests(out / "model") == before
+    assert not [f.name for f in out.iterdir() if f.name.startswith(".model.")]   # no temporary left beside it

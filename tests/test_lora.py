@@ -3,14 +3,16 @@ import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 
+from efficientai.backend import find_fast_blas
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [str(Path(sys.executable).parent / "efficientai")]
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 QUICK = ["--num-layers", "2", "--batch-size", "2", "--set", "val_batches=2", "--set", "steps_per_eval=100"]
 
 def _env():
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if Path(OPENBLAS).exists(): env["LD_PRELOAD"] = OPENBLAS   # plain mlx_lm (no efficientai import) at full speed
+    blas = find_fast_blas()   # the toolkit's own search ($EFFICIENTAI_BLAS, then the usual OpenBLAS places)
+    if blas is not None: env["LD_PRELOAD"] = str(blas)   # plain mlx_lm (no efficientai import) at full speed
     return env
 
 def _run(*args, **kw):
@@ -46,7 +48,7 @@ def test_fused_model_loads_in_mlx_lm(trained, tmp_path):
 
 def _weights(folder: Path) -> dict:
     import mlx.core as mx
-    return mx.load(str(folder / "checkpoint" / "adapters.safetensors"))
+    return mx.load(str(folder / "checkpoint" / "weights.safetensors"))
 
 def _step(folder: Path) -> int:
     try: return json.loads((folder / "checkpoint" / "state.json").read_text())["state"]["step"]
@@ -76,3 +78,34 @@ def test_bad_data_names_file_and_line(tmp_path):
     r = subprocess.run([*CLI, "lora", "train", "--data", str(tmp_path / "data"), "--iters", "1", "--adapter-path",
                         str(tmp_path / "a")], capture_output=True, text=True, env=_env(), cwd=ROOT)
     assert r.returncode == 2 and "train.jsonl:3" in r.stderr, r.stderr
+
+def _fake_hub_cache(hf: Path, repo: str, src: Path, revision: str = "0" * 40) -> Path:
+    "Lay out zoo folder `src` as huggingface_hub caches `repo` (large files as blobs named by their sha256)."
+    import shutil
+    from efficientai.zoo.cache import read_manifest
+    repo_dir = hf / ("models--" + repo.replace("/", "--")); snap = repo_dir / "snapshots" / revision
+    snap.mkdir(parents=True); (repo_dir / "blobs").mkdir(); (repo_dir / "refs").mkdir()
+    for rel, f in read_manifest(src)["files"].items():
+        if not rel.endswith(".safetensors"): shutil.copy(src / rel, snap / rel); continue
+        blob = repo_dir / "blobs" / f["sha256"]
+        try: os.link(src / rel, blob)
+        except OSError: shutil.copy(src / rel, blob)
+        (snap / rel).symlink_to(Path("../../blobs") / f["sha256"])
+    (repo_dir / "refs" / "main").write_text(revision)
+    return snap
+
+def test_resume_on_other_weights_of_the_same_name_is_refused_naming_both(tmp_path):
+    "Offline, smollm2-135m-instruct is the zoo's float32 build; once the Hub's (bfloat16) copy is cached it is that."
+    from efficientai.zoo.catalog import fetch
+    hf = tmp_path / "hf"; hf.mkdir()
+    env = dict(_env(), HF_HUB_CACHE=str(hf), EFFICIENTAI_HUB="off")
+    args = [*CLI, "lora", "train", "--adapter-path", str(tmp_path / "a"), "--save-every", "1", *QUICK]
+    r = subprocess.run([*args, "--iters", "1", "--set", "test=true", "--set", "test_batches=1"], capture_output=True,
+                       text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "base model: smollm2-135m-instruct: the zoo's offline build" in r.stdout and "test loss " in r.stdout, r.stdout
+    _fake_hub_cache(hf, "mlx-community/SmolLM2-135M-Instruct", fetch("smollm2-135m-instruct-bf16"))
+    r = subprocess.run([*args, "--iters", "2"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "other base weights" in r.stderr and "the zoo's offline build" in r.stderr, r.stderr
+    assert "mlx-community/SmolLM2-135M-Instruct@000000000000 from the Hugging Face Hub" in r.stderr, r.stderr

@@ -1,6 +1,8 @@
 """The quantization chapter end to end from the command line: what a user who never opens a notebook runs."""
-import json
-from conftest import BIN, run
+import hashlib, json, os, resource, subprocess
+from pathlib import Path
+
+from conftest import BIN, ROOT, run
 
 MODEL = "smollm2-135m-instruct"
 
@@ -45,10 +47,27 @@ def test_bad_inputs_name_what_is_wrong(cli, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def full_disk_run(args, max_file_bytes: int):
+    "Run `args` as `run` does, but no file it writes may grow past `max_file_bytes`: a disk that fills up mid-save."
+    e = {k: v for k, v in os.environ.items() if not k.startswith("EFFICIENTAI_")}
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+    return subprocess.run(args, cwd=ROOT, env=e, capture_output=True, text=True, timeout=900, preexec_fn=limit)
+
+
+def digests(folder: Path) -> dict:
+    return {f.relative_to(folder).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
 def test_existing_output_survives_a_failed_run(cli, tmp_path):
     out = tmp_path / "q8"
     cli("quant", "run", MODEL, "--spec", "q8", "--out", str(out))
-    before = {f.name: f.stat().st_size for f in out.iterdir()}
-    p = cli("quant", "run", MODEL, "--method", "mixed", "--out", str(out), check=False)  # no --bpw: fails
+    before = digests(out)
+    p = cli("quant", "run", MODEL, "--method", "mixed", "--out", str(out), check=False)  # no --bpw: refused up front
     assert p.returncode == 2 and "--bpw" in p.stderr
-    assert {f.name: f.stat().st_size for f in out.iterdir()} == before
+    # A q4 run whose disk fills up while it writes the weights (files capped at 10 MB, the weights are ~85 MB):
+    # the save fails half-way, and the q8 folder must be left byte for byte as it was, with no temporary beside it.
+    p = full_disk_run([str(BIN / "efficientai"), "quant", "run", MODEL, "--spec", "q4", "--out", str(out)], 10_000_000)
+    assert p.returncode != 0 and "Unable to write" in p.stderr, p.stderr[-3000:]
+    assert digests(out) == before
+    assert [f.name for f in tmp_path.iterdir()] == ["q8"]
