@@ -64,8 +64,8 @@ def test_bad_inputs_name_what_is_wrong_and_keep_earlier_results(cli, tmp_path):
     assert digests(out / "model") == before
     # The float pruned model (stages resumed from the first run) saved on a disk that fills up while it writes the
     # weights (files capped at 1 MB, the weights are 1.6 MB): the save fails half-way, the q8 model stays as it was.
-    p = full_disk_run([str(BIN / "efficientai"), "compress", "run", "fashion-cnn", "--pipeline", "prune=0.5", "--no-onnx",
-                       "--repeat", "1", "--out", str(out)], 1_000_000)
+    args = ["compress", "run", "fashion-cnn", "--pipeline", "prune=0.5", "--no-onnx", "--repeat", "1", "--out", str(out)]
+    p = full_disk_run([str(BIN / "efficientai"), *args], 1_000_000)
     assert p.returncode != 0 and "Unable to write" in p.stderr, p.stderr[-3000:]
     assert digests(out / "model") == before
     assert not [f.name for f in out.iterdir() if f.name.startswith(".model.")]   # no temporary left beside it

@@ -77,8 +77,8 @@ def test_a_killed_fetch_leaves_no_half_written_entry(fresh, tmp_path):
     e = {k: v for k, v in os.environ.items() if not k.startswith("EFFICIENTAI_")} | fresh
     log = tmp_path / "fetch.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([str(BIN / "efficientai"), "zoo", "fetch", "smollm2-135m-instruct-bf16"], cwd=ROOT, env=e,
-                                stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([str(BIN / "efficientai"), "zoo", "fetch", "smollm2-135m-instruct-bf16"], cwd=ROOT,
+                                env=e, stdout=f, stderr=subprocess.STDOUT)
     models = tmp_path / "cache" / "models"
     building = lambda: list(models.glob(".smollm2-135m-instruct-bf16.*.tmp/.src"))  # the build's scratch: mid-build
     deadline = time.time() + 120
@@ -86,6 +86,6 @@ def test_a_killed_fetch_leaves_no_half_written_entry(fresh, tmp_path):
     proc.send_signal(signal.SIGKILL); proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"the fetch ended before it was killed:\n{log.read_text()[-2000:]}"
     folder = models / "smollm2-135m-instruct-bf16"
-    assert not folder.exists() and list(models.glob(".smollm2-135m-instruct-bf16.*.tmp"))  # killed mid-build: only the temp
+    assert not folder.exists() and list(models.glob(".smollm2-135m-instruct-bf16.*.tmp"))  # mid-build: only the temp
     run([str(BIN / "efficientai"), "zoo", "fetch", "smollm2-135m-instruct-bf16"], env=fresh)
     assert (folder / "zoo.json").exists() and not list(models.glob(".*.tmp"))
