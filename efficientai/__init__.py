@@ -2,6 +2,7 @@
 
 Modules:
 
+- `efficientai.checkpoint`: One checkpoint format for every trainer: a folder swapped in whole, holding the trainable weights, the optimizer state, the trainer's own state and a fingerprint of the settings a resume must share.
 - `efficientai.deploy.adapters`: `install_adapters` puts a `MultiLoRALinear` around every adapted layer of a served model: the base weights are loaded once, each LoRA adapter adds its small `A`/`B` matrices to a stack, and every forward pass takes one adapter index *per batch row*, so requests for different fine-tunes decode together in one batch.
 - `efficientai.deploy.cli`: `efficientai serve MODEL [--adapters NAME=PATH ...]` starts the [server](03_server.ipynb) for people who never open a notebook; `efficientai demo` and `efficientai export` come from the [demos](04_demos.ipynb) and [export](05_export.ipynb) pages.
 - `efficientai.deploy.container`: The repository's `Dockerfile` packs `efficientai serve` into a slim Debian image: the locked environment, Debian's OpenBLAS (which the toolkit loads before MLX), the zoo's model fetched at build time so the container starts offline, a non-root user and a healthcheck. `lint` runs hadolint and our own checks on it; `build_outside_docker` runs the same build steps in a folder on this machine, which has no container engine, so a test proves that the image's commands make a working environment.
@@ -18,6 +19,7 @@ Modules:
 - `efficientai.lora.loss`: Next-token cross-entropy over the answer tokens, as mlx-lm computes it, but with the 49k-way output layer run only at the positions that enter the loss. Same number, a fraction of the work.
 - `efficientai.lora.search`: Random search over rank, alpha, learning rate and layers that stops when the clock says so, the Pareto front of quality against trainable parameters, and the smallest adapter that is good enough.
 - `efficientai.lora.train`: A compiled LoRA/DoRA/QLoRA/full training step on mlx-lm models, with gradient accumulation and checkpointing, warm-up schedules, validation, early stopping that keeps the best adapters, exact resume after a crash, a progress bar and a live loss plot.
+- `efficientai.models`: The small questions every chapter asks of a model, answered once: is it quantized, which layer is its output head, what is its language-model loss, are we computing on the CPU, and how to copy it cheaply or get its float twin back.
 - `efficientai.quant.kernels`: MLX's CPU `quantized_matmul` runs on one thread at ~3 GFLOP/s, so a 4-bit model decodes slower than the float one it came from. Here are C kernels that read MLX's packed weights where they lie: a fused dequantize-dot for decoding, and for prompts integer dot products on x rounded to int8 (AVX-512 VNNI or AVX2) or dequantize-then-BLAS, built on first use, checked against MLX and swapped into any mlx-lm model."""
 
 __version__ = "0.1.0"

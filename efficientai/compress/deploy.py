@@ -15,7 +15,8 @@ import pandas as pd
 import mlx.core as mx
 import mlx.nn as nn
 from ..errors import ConfigError, DeploymentError
-from ..quant.ptq import parameter_count, is_quantized, bits_per_weight
+from ..quant.ptq import parameter_count, bits_per_weight
+from ..models import is_quantized
 from ..quant.metrics import disk_mb
 from ..quant.export import export_onnx, check_onnx, model_kind
 from ..quant.kernels import fast_quantized, prompt_path

@@ -21,7 +21,8 @@ from ..errors import ConfigError, ModelLoadingError
 from ..io import atomic_write_json
 from .train import FitResult, fit, classifier_loss, evaluate_classifier
 from ..zoo.cache import ZooEntry, fetch_entry
-from ..quant.ptq import is_quantized, parameter_count, save_quantized
+from ..quant.ptq import parameter_count, save_quantized
+from ..models import is_quantized
 from ..zoo.tiny import CNN, CNNConfig, MLP, MLPConfig
 
 # %% auto #0
@@ -273,7 +274,7 @@ def _llama_student(teacher: nn.Module, layers, hidden: int | None, seed: int) ->
                           hint="distil other architectures into a student you build yourself")
     if is_quantized(teacher):
         raise ConfigError("the teacher is quantized", key="teacher",
-                          hint="build the student from the float model (efficientai.zoo.llm.dense_copy(teacher))")
+                          hint="build the student from the float model (efficientai.models.dense_copy(teacher))")
     args, n = teacher.args, len(teacher.model.layers)
     keep = _keep_layers(n, layers)
     kw = {**asdict(args), "num_hidden_layers": len(keep), "layer_types": [args.layer_types[i] for i in keep]}

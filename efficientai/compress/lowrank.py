@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError, ModelLoadingError
 from ..io import atomic_dir
-from ..quant.ptq import clone, is_quantized, require_float, quantization_block
+from ..quant.ptq import require_float, quantization_block
+from ..models import clone, is_quantized
 
 # %% auto #0
 __all__ = ['HEADS', 'METHODS', 'LowRankLinear', 'Spectrum', 'spectrum', 'svd_factorize', 'rank_for_energy', 'break_even_rank',
@@ -96,17 +97,22 @@ class Spectrum:
         e = self.s.astype(np.float64) ** 2
         return float(e[:rank].sum() / e.sum()) if e.sum() > 0 else 1.0
 
+def _lapack_svd(M: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "Thin SVD of `M` in its dtype: LAPACK's divide and conquer, or the slower QR iteration if that doesn't converge."
+    import scipy.linalg
+    try: return scipy.linalg.svd(M, full_matrices=False, check_finite=False)
+    except np.linalg.LinAlgError:
+        return scipy.linalg.svd(M, full_matrices=False, check_finite=False, lapack_driver="gesvd")
+
 def _svd(M: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    "Thin SVD (U[:, :k], all s, Vt[:k]) through the eigendecomposition of the smaller Gram matrix."
-    M = M.astype(np.float32, copy=False)
-    out, inp = M.shape
-    ev, vec = np.linalg.eigh(M.T @ M if inp <= out else M @ M.T)
-    s = np.sqrt(np.clip(ev[::-1].astype(np.float64), 0, None))
+    """Thin SVD (U[:, :k], all s, Vt[:k]) of `M` itself, in float32; again in float64 where what lies past rank `k` is
+    under 1e-3 of ‖M‖, where float32's rounding (~1e-7 of the largest singular value) would show in the error."""
+    U, s, Vt = _lapack_svd(M.astype(np.float32))
+    s = s.astype(np.float64)
     k = len(s) if k is None else max(1, min(k, len(s)))
-    vec = vec[:, ::-1][:, :k]
-    inv = np.where(s[:k] > s[0] * 1e-6, 1 / np.where(s[:k] > 0, s[:k], 1), 0.0).astype(np.float32)   # null directions: 0
-    if inp <= out: return (M @ vec) * inv[None], s, vec.T
-    return vec, s, (vec.T @ M) * inv[:, None]
+    if np.sqrt((s[k:] ** 2).sum()) < 1e-3 * np.sqrt((s ** 2).sum()):
+        U, s, Vt = _lapack_svd(M.astype(np.float64))
+    return U[:, :k], s, Vt[:k]
 
 def spectrum(w: mx.array | np.ndarray, scale: np.ndarray | None = None, method: str | None = None, *,
              max_rank: int | None = None) -> Spectrum:
@@ -121,12 +127,12 @@ def spectrum(w: mx.array | np.ndarray, scale: np.ndarray | None = None, method: 
     if S.ndim == 1:
         if S.shape != (W.shape[1],) or not (S > 0).all():
             raise DataError(f"a per-channel scale has one positive entry per input ({W.shape[1]}), got shape {S.shape}")
-        U, s, Vt = _svd(W * S[None].astype(np.float32), max_rank)
+        U, s, Vt = _svd(W * S[None], max_rank)
         return Spectrum(U, s, Vt / S[None], method or "asvd")
     if S.shape != (W.shape[1],) * 2:
         raise DataError(f"a whitening factor is (in, in) = {(W.shape[1],) * 2}, got shape {S.shape}")
     import scipy.linalg
-    U, s, Vt = _svd(W @ S.astype(np.float32), max_rank)
+    U, s, Vt = _svd(W @ S, max_rank)
     right = scipy.linalg.solve_triangular(S, Vt.T, trans="T", lower=True, check_finite=False).T   # Vᵀ·S⁻¹
     return Spectrum(U, s, right, method or "whiten")
 

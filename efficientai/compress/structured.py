@@ -17,7 +17,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 from ..errors import ConfigError, DataError
-from ..quant.ptq import clone, is_quantized, parameter_count, save_quantized
+from ..quant.ptq import parameter_count, save_quantized
+from ..models import clone, is_quantized
 from ..zoo.tiny import CNN, MLP
 
 # %% auto #0
@@ -72,7 +73,7 @@ def _lm_layers(model: nn.Module) -> tuple[Any, list, str]:
                           expected="a model with .args and .model.layers[i].mlp / .self_attn", got=type(model).__name__)
     if is_quantized(model):
         raise ConfigError("the model is quantized: pruning slices float weights", key="model",
-                          hint="prune the float model (efficientai.zoo.llm.dense_copy gives it back), then quantize")
+                          hint="prune the float model (efficientai.models.dense_copy gives it back), then quantize")
     return args, inner.layers, "model.layers"
 
 def _head_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -209,7 +210,8 @@ def _magnitude(model: nn.Module, groups: list[UnitGroup]) -> dict[str, np.ndarra
     return {g.name: np.sqrt(np.array(sum(s.per_unit(p[s.path] ** 2) for s in g.slots))) for g in groups}
 
 def _taylor(model: nn.Module, groups: list[UnitGroup], data: list[tuple]) -> dict[str, np.ndarray]:
-    from efficientai.compress.train import lm_loss, classifier_loss
+    from efficientai.compress.train import classifier_loss
+    from efficientai.models import lm_loss
     loss_fn = lm_loss if _is_lm(model) else classifier_loss
     m, p = clone(model), dict(tree_flatten(model.parameters()))
     params = {s.path: p[s.path] for g in groups for s in g.slots}
@@ -414,7 +416,8 @@ def recover(model: nn.Module, data, *, steps: int, lr: float = 1e-4, batch_size:
             desc: str = "recover"):
     """Recovery fine-tuning of `model`, in place, with the chapter's `fit`: next-token loss on windows of the token
     array `data` (language model; batch_size default 4) or cross-entropy on the `ImageSplit` `data` (default 128)."""
-    from efficientai.compress.train import fit, lm_batches, lm_loss, classifier_batches, classifier_loss
+    from efficientai.compress.train import fit, lm_batches, classifier_batches, classifier_loss
+    from efficientai.models import lm_loss
     if not _is_lm(model):
         return fit(model, classifier_loss, classifier_batches(data, batch_size or 128, seed=seed), steps=steps, lr=lr,
                    warmup=warmup, checkpoint=checkpoint, desc=desc)

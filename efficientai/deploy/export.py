@@ -653,7 +653,8 @@ def check_quantize(loaded: Loaded, to: str, quantize: str | None) -> str | None:
     if to == "tflite": ok, text = quantize in TFLITE_QUANTIZE, "int8"
     elif to == "coreml": ok, text = quantize in COREML_QUANTIZE, " | ".join(COREML_QUANTIZE)
     elif fam in ("classifier", "llm"):
-        from efficientai.quant.ptq import parse_spec, is_quantized
+        from efficientai.quant.ptq import parse_spec
+        from efficientai.models import is_quantized
         text = "own (an MLX-quantized model's codes) or q2 | q4 | q8 with an optional group (q4g32)"
         if quantize == "own": ok = is_quantized(loaded.model)
         else:

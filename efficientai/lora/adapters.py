@@ -17,10 +17,11 @@ from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters as _mlx_load
 from ..errors import ConfigError, ModelLoadingError
 from ..io import atomic_dir, atomic_file, atomic_write_json
 from .config import LoraConfig, adapter_config
+from ..models import is_quantized
 
 # %% auto #0
-__all__ = ['ADAPTER_FILE', 'ADAPTER_CONFIG', 'target_keys', 'is_quantized', 'prepare_model', 'parameter_counts',
-           'trained_weights', 'save_adapters', 'quantize_like_training', 'load_adapters', 'fuse_model', 'fuse']
+__all__ = ['ADAPTER_FILE', 'ADAPTER_CONFIG', 'target_keys', 'prepare_model', 'parameter_counts', 'trained_weights',
+           'save_adapters', 'quantize_like_training', 'load_adapters', 'fuse_model', 'fuse']
 
 # %% ../../nbs/10_lora/04_adapters.ipynb #b4367368
 def _layers(model: nn.Module) -> list:
@@ -34,9 +35,6 @@ def target_keys(model: nn.Module) -> list[str]:
     for k, m in _layers(model)[-1].named_modules():
         if isinstance(m, (nn.Linear, nn.QuantizedLinear)) or hasattr(m, "to_lora"): keys.append(k)
     return sorted(keys)
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
 
 def prepare_model(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     "Freeze `model` and make the part `cfg` trains trainable (in place; also returned)."

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Sequence
 import mlx.core as mx
 from .config import LoraConfig, config_to_dict, config_from_dict
-from .adapters import ADAPTER_FILE, is_quantized
+from .adapters import ADAPTER_FILE
+from ..models import is_quantized
 from mlx_lm.utils import dequantize_model
 from .train import train, load_data
 from ..plotting import comparison_bars

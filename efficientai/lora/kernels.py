@@ -14,12 +14,13 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 from ..logging import get_logger
+from ..models import on_cpu
 
 log = get_logger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'DEQUANT_MIN_ROWS', 'fast_exp', 'fast_swiglu', 'fast_softmax', 'fast_sdpa', 'FastQuantizedLinear',
-           'FastQuantizedEmbedding', 'fast_kernels_default', 'fast_kernels']
+           'FastQuantizedEmbedding', 'fast_kernels']
 
 # %% ../../nbs/10_lora/02_kernels.ipynb #b591dfc8
 _EXP2 = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
@@ -116,10 +117,6 @@ class FastQuantizedEmbedding(nn.QuantizedEmbedding):
         return super().as_linear(x) if _rows(x) < DEQUANT_MIN_ROWS else x @ _dequantized(self).T
 
 # %% ../../nbs/10_lora/02_kernels.ipynb #5e8df114
-def fast_kernels_default() -> bool:
-    "`auto` means on for MLX's CPU backend, where the reference transcendental ops are slow."
-    return mx.default_device() == mx.cpu
-
 _QUANT_SWAP = {nn.QuantizedLinear: FastQuantizedLinear, nn.QuantizedEmbedding: FastQuantizedEmbedding}
 
 def _probe_logits(model) -> mx.array:
@@ -134,7 +131,7 @@ def _probe_logits(model) -> mx.array:
 @contextlib.contextmanager
 def fast_kernels(model: nn.Module, enabled: bool | str = "auto", *, check: bool = True, tol: float = 1e-3):
     "Within the block, `model` runs with the fast kernels (if `enabled`, `'auto'`, `'on'` or `'off'`). Yields whether they are on."
-    on = fast_kernels_default() if enabled in ("auto", None) else enabled in (True, "on")
+    on = on_cpu() if enabled in ("auto", None) else enabled in (True, "on")
     if not on:
         yield False; return
     mod = sys.modules.get(type(model).__module__)

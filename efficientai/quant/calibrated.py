@@ -16,7 +16,8 @@ from mlx.utils import tree_flatten, tree_unflatten, tree_map_with_path
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
-from .ptq import QuantSpec, parse_spec, quantizable, is_quantized, require_float
+from .ptq import QuantSpec, parse_spec, quantizable, require_float
+from ..models import is_quantized
 
 # %% auto #0
 __all__ = ['calibration_tokens', 'pack_codes', 'unpack_codes', 'Hessian', 'collect_hessians', 'gptq_quantize_weight',

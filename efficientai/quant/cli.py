@@ -72,7 +72,8 @@ def _quant_cli(sub):
 def quantized_model(model, tokenizer, cfg: dict, spec: str, method: str = "rtn", bpw: float | None = None,
                     calib_samples: int = 16, calib_len: int = 256):
     "The quantized copy of `model` and its config for one of the chapter's methods."
-    from efficientai.quant.ptq import quantize_copy, parse_spec, clone
+    from efficientai.quant.ptq import quantize_copy, parse_spec
+    from efficientai.models import clone
     spec_ = parse_spec(spec)
     if method == "rtn": return quantize_copy(model, spec_, config=cfg)
     if method == "mixed":

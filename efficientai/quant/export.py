@@ -18,7 +18,8 @@ import mlx.nn as nn
 
 from ..errors import ConfigError, DependencyError, DeploymentError
 from ..io import atomic_dir, atomic_file
-from .ptq import QuantSpec, parse_spec, quantize_copy, is_quantized
+from .ptq import QuantSpec, parse_spec, quantize_copy
+from ..models import is_quantized
 from ..zoo.tiny import CNN, MLP
 
 # %% auto #0

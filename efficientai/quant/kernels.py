@@ -17,16 +17,17 @@ from typing import Iterator
 import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
-from ..backend import blas_status, find_fast_blas, mlx_backend
+from ..backend import blas_status, find_fast_blas
+from ..models import is_output_layer, on_cpu
 from ..errors import ConfigError, DependencyError
 from ..logging import get_logger
 
 log = get_logger("quant.kernels")
 
 # %% auto #0
-__all__ = ['log', 'KERNEL_SOURCE', 'CFLAGS', 'NO_VJP_ROWS', 'SIBLINGS', 'HEAD_NAMES', 'find_compiler', 'kernel_key',
-           'build_kernels', 'Kernels', 'load_kernels', 'prompt_path', 'quantized_matmul', 'dequantize',
-           'CpuQuantizedLinear', 'CpuQuantizedEmbedding', 'accelerate', 'restore', 'fast_quantized']
+__all__ = ['log', 'KERNEL_SOURCE', 'CFLAGS', 'NO_VJP_ROWS', 'SIBLINGS', 'find_compiler', 'kernel_key', 'build_kernels', 'Kernels',
+           'load_kernels', 'prompt_path', 'quantized_matmul', 'dequantize', 'CpuQuantizedLinear',
+           'CpuQuantizedEmbedding', 'accelerate', 'restore', 'fast_quantized']
 
 # %% ../../nbs/20_quantization/05_kernels.ipynb #1bcce215
 KERNEL_SOURCE = Path(efficientai.__file__).parent / "quant" / "qkernels.c"
@@ -382,7 +383,6 @@ class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
 # %% ../../nbs/20_quantization/05_kernels.ipynb #f139e916
 SIBLINGS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
                                          ("query", "key", "value"), ("w1", "w3"))
-HEAD_NAMES = ("lm_head", "output")
 _SWAP = {nn.QuantizedLinear: CpuQuantizedLinear, nn.QuantizedEmbedding: CpuQuantizedEmbedding}
 _BACK = {v: k for k, v in _SWAP.items()}
 _CACHE_AWARE: dict[type, type] = {}
@@ -406,9 +406,10 @@ def _enabled(enabled: bool | str) -> bool:
     if enabled in ("off", False, None): return False
     if enabled not in ("auto", "on", True):
         raise ConfigError("unknown setting for the quantized CPU kernels", key="enabled", expected="auto | on | off", got=enabled)
-    if mlx_backend() != "cpu":
+    if not on_cpu():
         (log.warning if enabled in ("on", True) else log.info)(
-            "MLX runs on %s here: its own quantized kernels are the fast ones, nothing swapped", mlx_backend())
+            "MLX computes on %s: its own quantized kernels are the fast ones there, nothing swapped",
+            mx.default_device())
         return False
     try: load_kernels()
     except DependencyError as e:
@@ -422,7 +423,7 @@ def _swap(model: nn.Module) -> list[nn.Module]:
     kernels, swapped, skipped = load_kernels(), [], collections.Counter()
     for path, m in model.named_modules():
         if type(m) not in _SWAP: continue
-        object.__setattr__(m, "_qk_head", isinstance(m, nn.QuantizedEmbedding) or path.rsplit(".", 1)[-1] in HEAD_NAMES)
+        object.__setattr__(m, "_qk_head", isinstance(m, nn.QuantizedEmbedding) or is_output_layer(path))
         if _layer_weights(m, kernels) is None:
             skipped[_layout(m)] += 1; continue
         m.__class__ = _SWAP[type(m)]

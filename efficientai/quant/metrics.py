@@ -16,7 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from tqdm.auto import tqdm
 from ..errors import DataError
-from .ptq import bits_per_weight, weight_bytes, save_quantized, folder_mb, is_quantized, parse_spec, quantize_copy, clone
+from .ptq import bits_per_weight, weight_bytes, save_quantized, folder_mb, parse_spec, quantize_copy
+from ..models import is_quantized, clone
 
 # %% auto #0
 __all__ = ['held_out_tokens', 'Reference', 'reference', 'scoring_model', 'quality', 'speed', 'disk_mb', 'evaluate', 'compare',
@@ -36,47 +37,60 @@ def held_out_tokens(tokenizer, n_tokens: int, corpus: str = "kjv", split: str = 
 # %% ../../nbs/20_quantization/01_metrics.ipynb #c4feb11d
 @dataclass
 class Reference:
-    "The float model's log-probabilities on held-out windows: what every variant is compared with."
+    """The float model and the held-out windows every variant is compared on. The float model's log-probabilities are
+    recomputed batch by batch when a variant is scored, never stored: memory stays flat in the number of tokens."""
     inputs: np.ndarray              # (n_windows, window) token ids
     targets: np.ndarray             # next tokens
-    logprobs: list[mx.array]        # per batch, (batch, window, vocab)
     batch: int
-    ppl: float
+    ppl: float                      # the float model's perplexity on `targets`
+    model: nn.Module = field(repr=False)
 
 def _windows(tokens: np.ndarray, window: int):
     n = (len(tokens) - 1) // window
-    if n == 0: raise DataError(f"need more than {window} tokens for one window, got {len(tokens)}", hint="score more tokens or use a smaller window")
+    if n == 0:
+        raise DataError(f"need more than {window} tokens for one window, got {len(tokens)}",
+                        hint="score more tokens or use a smaller window")
     return tokens[: n * window].reshape(n, window), tokens[1: n * window + 1].reshape(n, window)
 
 def _logprobs(model, x: np.ndarray) -> mx.array:
     logits = model(mx.array(x)).astype(mx.float32)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
-def reference(model: nn.Module, tokens: np.ndarray, window: int = 512, batch: int = 4) -> Reference:
-    "Log-probabilities of the float `model` on `tokens`, in non-overlapping windows."
-    x, y = _windows(np.asarray(tokens), window)
-    lps, nll = [], 0.0
-    for i in tqdm(range(0, len(x), batch), desc="reference", leave=False):
-        lp = _logprobs(model, x[i:i + batch]); mx.eval(lp); lps.append(lp)
-        nll -= mx.take_along_axis(lp, mx.array(y[i:i + batch])[..., None], axis=-1).sum().item()
-    return Reference(x, y, lps, batch, math.exp(nll / y.size))
+def _target_nll(lp: mx.array, y: np.ndarray) -> mx.array:
+    return -mx.take_along_axis(lp, mx.array(y)[..., None], axis=-1).sum()
 
+def reference(model: nn.Module, tokens: np.ndarray, window: int = 512, batch: int = 4) -> Reference:
+    "The float `model`'s perplexity on `tokens` in non-overlapping windows, and what `quality` compares with."
+    x, y = _windows(np.asarray(tokens), window)
+    nll = 0.0
+    for i in tqdm(range(0, len(x), batch), desc="reference", leave=False):
+        nll += _target_nll(_logprobs(model, x[i:i + batch]), y[i:i + batch]).item()
+    return Reference(x, y, batch, math.exp(nll / y.size), model)
+
+# %% ../../nbs/20_quantization/01_metrics.ipynb #5e2b9f41
 def scoring_model(model: nn.Module) -> nn.Module:
     "`model` itself if it is float, else its dense twin."
     from mlx_lm.utils import dequantize_model
     return dequantize_model(clone(model)) if is_quantized(model) else model
 
 def quality(model: nn.Module, ref: Reference) -> dict:
-    "Perplexity, mean KL(reference ‖ model) per token, and top-1 agreement with the reference."
+    """Perplexity, mean KL(reference ‖ model) per token, and top-1 agreement with the reference, one batch of windows
+    at a time against the live float model (`ref.model`)."""
     m = scoring_model(model)
-    nll = kl = agree = 0.0
-    for j, i in enumerate(tqdm(range(0, len(ref.inputs), ref.batch), desc="quality", leave=False)):
-        lp, rp = _logprobs(m, ref.inputs[i:i + ref.batch]), ref.logprobs[j]
-        y = mx.array(ref.targets[i:i + ref.batch])[..., None]
-        nll -= mx.take_along_axis(lp, y, axis=-1).sum().item()
-        kl += (mx.exp(rp) * (rp - lp)).sum().item()
-        agree += (mx.argmax(lp, -1) == mx.argmax(rp, -1)).sum().item()
+    nll = ref_nll = kl = agree = 0.0
+    for i in tqdm(range(0, len(ref.inputs), ref.batch), desc="quality", leave=False):
+        x, y = ref.inputs[i:i + ref.batch], ref.targets[i:i + ref.batch]
+        lp = _logprobs(m, x)
+        rp = lp if m is ref.model else _logprobs(ref.model, x)
+        sums = (_target_nll(lp, y), _target_nll(rp, y), (mx.exp(rp) * (rp - lp)).sum(),
+                (mx.argmax(lp, -1) == mx.argmax(rp, -1)).sum())
+        mx.eval(*sums)
+        nll, ref_nll, kl, agree = (a + s.item() for a, s in zip((nll, ref_nll, kl, agree), sums))
     n = ref.targets.size
+    if not math.isclose(math.exp(ref_nll / n), ref.ppl, rel_tol=1e-4):
+        raise DataError(f"the reference model now gives perplexity {math.exp(ref_nll / n):.4f}, not the {ref.ppl:.4f} "
+                        "it gave when `reference` was called: it was changed in place",
+                        hint="quantize copies (quantize_copy, clone), or call reference() again")
     return {"ppl": math.exp(nll / n), "kl": kl / n, "top1": agree / n}
 
 # %% ../../nbs/20_quantization/01_metrics.ipynb #42b15714

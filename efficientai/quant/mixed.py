@@ -7,7 +7,8 @@ Docs: https://efficientai.github.io/efficientai/20_quantization/mixed.html.md"""
 # %% ../../nbs/20_quantization/02_mixed.ipynb #353cadac
 from __future__ import annotations
 import efficientai  # first: loads fast BLAS
-import math
+import contextlib, math
+from collections.abc import Iterator
 from dataclasses import dataclass
 import numpy as np
 import pandas as pd
@@ -16,11 +17,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm.auto import tqdm
 from ..errors import ConfigError
-from .ptq import QuantSpec, parse_spec, quantizable, quantize, quantize_copy, clone, bits_per_weight, parameter_count, weight_bytes, qdq
+from .ptq import QuantSpec, parse_spec, quantizable, quantize, quantize_copy, bits_per_weight, parameter_count, weight_bytes, qdq
 from .metrics import held_out_tokens
+from ..models import clone, lm_loss
 
 # %% auto #0
-__all__ = ['DEFAULT_CANDIDATES', 'calibration_batches', 'lm_loss', 'capture', 'fisher_cost', 'direct_cost', 'layer_bytes',
+__all__ = ['DEFAULT_CANDIDATES', 'calibration_batches', 'capture', 'fisher_cost', 'fisher_costs', 'direct_cost', 'layer_bytes',
            'Sensitivity', 'sample_targets', 'sensitivity', 'allocate', 'mixed_quantize']
 
 # %% ../../nbs/20_quantization/02_mixed.ipynb #f7d5b599
@@ -30,10 +32,6 @@ def calibration_batches(tokenizer, n_samples: int = 8, seq_len: int = 256, batch
     toks = held_out_tokens(tokenizer, n_samples * seq_len + 1, corpus=corpus, split=split)
     x = toks[:-1].reshape(n_samples, seq_len); y = toks[1:].reshape(n_samples, seq_len)
     return [(mx.array(x[i:i + batch]), mx.array(y[i:i + batch])) for i in range(0, n_samples, batch)]
-
-def lm_loss(model, x, y) -> mx.array:
-    "Mean next-token cross-entropy."
-    return nn.losses.cross_entropy(model(x).astype(mx.float32), y, reduction="mean")
 
 # %% ../../nbs/20_quantization/02_mixed.ipynb #b5b56908
 class _Probe(nn.Module):
@@ -52,30 +50,32 @@ def _linear_layers(model: nn.Module, group_size: int) -> dict[str, nn.Module]:
 def _embedding_layers(model: nn.Module, group_size: int) -> dict[str, nn.Module]:
     return {p: m for p, m in model.named_modules() if isinstance(m, nn.Embedding) and quantizable(p, m, group_size)}
 
-def capture(model: nn.Module, batches, layers: dict[str, nn.Module], loss=lm_loss) -> dict[str, tuple[mx.array, mx.array]]:
-    "Per layer: inputs X (tokens × in) and output gradients G (tokens × out) over `batches`, with G scaled by T."
+def capture(model: nn.Module, batches, layers: dict[str, nn.Module], loss=lm_loss) -> Iterator[dict[str, tuple]]:
+    """Per batch, per layer: inputs X (tokens × in) and output gradients G (tokens × out), G scaled by the batch's T
+    tokens. A generator: one batch's arrays are alive at a time, and `layers` stay probed until it ends or is closed."""
     from mlx.utils import tree_unflatten
     probes = {p: _Probe(m) for p, m in layers.items()}
     model.update_modules(tree_unflatten(list(probes.items())))
-    xs = {p: [] for p in layers}; gs = {p: [] for p in layers}
     try:
         for x, y in tqdm(batches, desc="gradients", leave=False):
             def f(deltas):
                 for p, pr in probes.items(): pr.delta = deltas[p]
                 return loss(model, x, y)
-            shapes = {}
-            for p, pr in probes.items(): pr.delta = mx.zeros((1,))  # shape discovery pass: record input shapes
+            for pr in probes.values(): pr.delta = mx.zeros((1,))  # shape discovery pass: record input shapes
             mx.eval(loss(model, x, y))
             deltas = {p: mx.zeros((*pr.x.shape[:-1], layers[p].weight.shape[0])) for p, pr in probes.items()}
             grads = mx.grad(f)(deltas)
             T = math.prod(x.shape)
-            for p, pr in probes.items():
-                xs[p].append(pr.x.reshape(-1, pr.x.shape[-1])); gs[p].append(grads[p].reshape(-1, grads[p].shape[-1]) * T)
-            mx.eval(xs, gs)
+            out = {p: (pr.x.reshape(-1, pr.x.shape[-1]), grads[p].reshape(-1, grads[p].shape[-1]) * T)
+                   for p, pr in probes.items()}
+            mx.eval(out)
+            for pr in probes.values(): pr.x = None
+            del grads, deltas
+            yield out
+            del out
     finally:
         model.update_modules(tree_unflatten([(p, m) for p, m in layers.items()]))
         for pr in probes.values(): pr.x = pr.delta = None
-    return {p: (mx.concatenate(xs[p]), mx.concatenate(gs[p])) for p in layers}
 
 # %% ../../nbs/20_quantization/02_mixed.ipynb #3fe6608e
 def _qdq(w: mx.array, spec: QuantSpec) -> mx.array: return qdq(w, spec.bits, spec.group_size, spec.mode)
@@ -84,6 +84,25 @@ def fisher_cost(x: mx.array, g: mx.array, w: mx.array, spec: QuantSpec) -> float
     "Predicted rise of the mean loss when `w` (out × in) is quantized to `spec`, from inputs `x` and per-token output gradients `g`."
     dy = x @ (w - _qdq(w, spec)).T
     return 0.5 * mx.mean(mx.sum(g * g * dy * dy, axis=-1)).item()
+
+def _fits(w: mx.array, spec: QuantSpec) -> bool: return w.shape[-1] % spec.group_size == 0
+
+def fisher_costs(model: nn.Module, batches, layers: dict[str, nn.Module], candidates: list[QuantSpec],
+                 loss=lm_loss) -> dict[str, dict[str, float]]:
+    """`fisher_cost` of every layer in `layers` for every candidate over all `batches`, accumulated batch by batch as
+    the gradients are captured: memory holds one batch's inputs and gradients however many batches there are.
+    `inf` where a candidate's group size doesn't divide the layer's input size."""
+    sums = {p: {c.name: 0.0 if _fits(m.weight, c) else math.inf for c in candidates} for p, m in layers.items()}
+    n = 0
+    with contextlib.closing(capture(model, batches, layers, loss)) as per_batch:
+        for data in per_batch:
+            t = next(iter(data.values()))[0].shape[0]
+            n += t
+            for p, (x, g) in data.items():
+                for c in candidates:
+                    if sums[p][c.name] < math.inf: sums[p][c.name] += t * fisher_cost(x, g, layers[p].weight, c)
+            del data, x, g   # before the next batch's capture: one batch alive at a time
+    return {p: {name: s / n for name, s in row.items()} for p, row in sums.items()}
 
 def direct_cost(model: nn.Module, path: str, spec: QuantSpec, batches, base: float, loss=lm_loss) -> float:
     """Measured rise of the mean loss when only layer `path` is quantized to `spec`. The layer's weight is swapped for its
@@ -133,17 +152,12 @@ def sensitivity(model: nn.Module, batches, candidates=DEFAULT_CANDIDATES, loss=l
     cands = [parse_spec(c) for c in candidates]
     g = min(c.group_size for c in cands)   # a layer takes the candidates whose group size divides its input size
     lin, emb = _linear_layers(model, g), _embedding_layers(model, g)
-    fits = lambda w, c: w.shape[-1] % c.group_size == 0
     if not lin and not emb: raise ConfigError("the model has no layer that every candidate format can quantize", key="candidates", got=candidates)
     base = float(np.mean([loss(model, x, y).item() for x, y in batches]))
-    data = capture(model, batches, lin, loss)
-    rows = {}
-    for p in tqdm(lin, desc="sensitivity", leave=False):
-        x, gr = data[p]; w = lin[p].weight
-        rows[p] = {c.name: fisher_cost(x, gr, w, c) if fits(w, c) else math.inf for c in cands}
-    del data
+    rows = fisher_costs(model, batches, lin, cands, loss)
     for p in emb:
-        rows[p] = {c.name: direct_cost(model, p, c, batches, base, loss) if fits(emb[p].weight, c) else math.inf for c in cands}
+        rows[p] = {c.name: direct_cost(model, p, c, batches, base, loss) if _fits(emb[p].weight, c) else math.inf
+                   for c in cands}
     layers = {**lin, **emb}
     return Sensitivity(pd.DataFrame.from_dict(rows, orient="index")[[c.name for c in cands]],
                        {p: tuple(m.weight.shape) for p, m in layers.items()}, next(iter(layers.values())).weight.dtype, cands, base)

