@@ -15,7 +15,7 @@ def _train(out, steps, recipe="lit", **kw):
 
 def _steps_saved(state: Path) -> int:
     "Steps in the checkpoint's state.json; -1 while it is missing or being replaced (the folder is swapped atomically)."
-    try: return len(json.loads(state.read_text())["losses"])
+    try: return len(json.loads(state.read_text())["state"]["losses"])
     except (OSError, ValueError): return -1
 
 

@@ -97,13 +97,19 @@ def _fake_hub_cache(hf: Path, repo: str, src: Path, revision: str = "0" * 40) ->
 def test_resume_on_other_weights_of_the_same_name_is_refused_naming_both(tmp_path):
     "Offline, smollm2-135m-instruct is the zoo's float32 build; once the Hub's (bfloat16) copy is cached it is that."
     from efficientai.zoo.catalog import fetch
-    hf = tmp_path / "hf"; hf.mkdir()
+    from efficientai.lora.train import data_folder
+    hf, data = tmp_path / "hf", tmp_path / "data"; hf.mkdir(); data.mkdir()
+    for split in ("train", "valid", "test"):     # a slice of kjv-cite: loading 2,000 samples is not the point here
+        lines = (data_folder("kjv-cite") / f"{split}.jsonl").read_text().splitlines()[:16]
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     env = dict(_env(), HF_HUB_CACHE=str(hf), EFFICIENTAI_HUB="off")
-    args = [*CLI, "lora", "train", "--adapter-path", str(tmp_path / "a"), "--save-every", "1", *QUICK]
+    args = [*CLI, "lora", "train", "--data", str(data), "--adapter-path", str(tmp_path / "a"), "--save-every", "1",
+            *QUICK]
     r = subprocess.run([*args, "--iters", "1", "--set", "test=true", "--set", "test_batches=1"], capture_output=True,
                        text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "base model: smollm2-135m-instruct: the zoo's offline build" in r.stdout and "test loss " in r.stdout, r.stdout
+    assert "base model: smollm2-135m-instruct: the zoo's offline build" in r.stdout, r.stdout
+    assert "test loss " in r.stdout, r.stdout                  # `test: true` (mlx-lm's key) scored test.jsonl
     _fake_hub_cache(hf, "mlx-community/SmolLM2-135M-Instruct", fetch("smollm2-135m-instruct-bf16"))
     r = subprocess.run([*args, "--iters", "2"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 2, r.stdout + r.stderr

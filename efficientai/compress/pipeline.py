@@ -18,8 +18,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from ..errors import ConfigError, ModelLoadingError
 from ..io import atomic_dir, atomic_write_json
-from .train import (fit, lm_batches, lm_loss, classifier_batches, classifier_loss, evaluate_lm,
+from .train import (fit, lm_batches, classifier_batches, classifier_loss, evaluate_lm,
                                         evaluate_classifier)
+from ..models import lm_loss
 from .deploy import measure, compare, family
 from ..quant.ptq import quantization_block
 
@@ -149,7 +150,8 @@ def check_applicable(stages: list[Stage], fam: str) -> None:
 
 def structure(st: Stage, model: nn.Module, task: Task) -> tuple[nn.Module, Callable | None]:
     "The model after stage `st`'s structural change (none for training stages) and a per-step hook, if it needs one."
-    from efficientai.quant.ptq import require_float, quantize, clone, parse_spec, quantizable
+    from efficientai.quant.ptq import require_float, quantize, parse_spec, quantizable
+    from efficientai.models import clone
     from efficientai.zoo.tiny import CNN
     k, where = st.kind, f"pipeline: {st.name}"
     if k in TRAINING: return model, None
@@ -228,7 +230,7 @@ def run_pipeline(model: nn.Module, stages: list[Stage] | str, task: Task, *, out
                  onnx: bool = True, repeat: int = 5, save_every: int = 50, seed: int = 0, label: str | None = None,
                  original_row: dict | None = None) -> PipelineResult:
     "Apply `stages` to a copy of `model` in order, training and measuring after each; resumable with `out`."
-    from efficientai.quant.ptq import clone
+    from efficientai.models import clone
     stages = parse_pipeline(stages) if isinstance(stages, str) else [check_stage(s) for s in stages]
     check_applicable(stages, task.family)
     out = Path(out) if out is not None else None

@@ -20,15 +20,16 @@ from mlx.utils import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
+from ..models import is_output_layer
+from ..checkpoint import has_checkpoint
 
 # %% auto #0
-__all__ = ['PRUNABLE_TYPES', 'HEAD_NAMES', 'SCOPES', 'prunable', 'magnitude_masks', 'nm_masks', 'apply_masks', 'sparsity',
-           'activation_norms', 'wanda_scores', 'cubic_sparsity', 'PruneResult', 'prune_oneshot', 'prune_gradual',
-           'layer_sensitivity', 'sensitivity_plot', 'storage_table', 'sparse_nbytes']
+__all__ = ['PRUNABLE_TYPES', 'SCOPES', 'prunable', 'magnitude_masks', 'nm_masks', 'apply_masks', 'sparsity', 'activation_norms',
+           'wanda_scores', 'cubic_sparsity', 'PruneResult', 'prune_oneshot', 'prune_gradual', 'layer_sensitivity',
+           'sensitivity_plot', 'storage_table', 'sparse_nbytes']
 
 # %% ../../nbs/30_compression/01_prune.ipynb #5e387533
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
-HEAD_NAMES = ("head", "lm_head", "classifier", "output")
 
 def _natural(path: str) -> list:
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
@@ -48,13 +49,13 @@ def prunable(model: nn.Module, *, include_embeddings: bool = False, include_head
     for path, m in sorted(model.named_modules(), key=lambda pm: _natural(pm[0])):
         kind = _kind(m)
         if kind is None or "weight" not in m: continue
-        is_head = path.rpartition(".")[2] in HEAD_NAMES
+        is_head = is_output_layer(path)
         if kind == "embedding": wanted = include_embeddings or (include_head and tied)
         else: wanted = include_head or not is_head
         if not wanted: continue
         if "scales" in m:
             raise ConfigError(f"{path} is quantized ({type(m).__name__}): its packed codes can't be pruned", key="model",
-                              hint="prune the float model, then quantize (efficientai.zoo.llm.dense_copy gives float weights back)")
+                              hint="prune the float model, then quantize (efficientai.models.dense_copy gives float weights back)")
         found[path] = m
     return found
 
@@ -302,7 +303,7 @@ def prune_gradual(model: nn.Module, loss_fn: Callable, batches, *, final: float,
         else: apply_masks(m, state["live"])
 
     ckpt = fit_kw.get("checkpoint")
-    if ckpt is None or not (Path(ckpt) / "state.json").exists(): update(model, 0)   # a resumed fit calls it itself
+    if not has_checkpoint(ckpt): update(model, 0)   # a resumed fit calls it itself
     losses = fit(model, loss_fn, batches, steps=steps, lr=lr, after_step=update, **fit_kw).losses
     return PruneResult("gradual", final, sparsity(model, paths)[0], losses, steps, sched, time.perf_counter() - t0,
                        state["masks"])

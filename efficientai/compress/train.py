@@ -7,21 +7,22 @@ Docs: https://efficientai.github.io/efficientai/30_compression/train.html.md"""
 # %% ../../nbs/30_compression/00_train.ipynb #7022a6e9
 from __future__ import annotations
 import efficientai  # first: loads fast BLAS
-import hashlib, json, time
-from dataclasses import dataclass, field, asdict
+import json, time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 from tqdm.auto import tqdm
-from ..errors import ConfigError, DataError, ModelLoadingError
-from ..io import atomic_dir, atomic_write_json
+from ..errors import ConfigError, DataError
+from ..models import lm_loss
+from ..checkpoint import fingerprint, has_checkpoint, save_checkpoint, load_checkpoint, load_arrays
 
 # %% auto #0
-__all__ = ['lm_batches', 'classifier_batches', 'lm_loss', 'classifier_loss', 'FitResult', 'schedule', 'fit', 'evaluate_lm',
+__all__ = ['lm_batches', 'classifier_batches', 'classifier_loss', 'FitResult', 'schedule', 'fit', 'evaluate_lm',
            'evaluate_classifier']
 
 # %% ../../nbs/30_compression/00_train.ipynb #83053bef
@@ -50,10 +51,6 @@ def classifier_batches(split, batch_size: int, *, seed: int = 0) -> Iterator[tup
         epoch += 1
 
 # %% ../../nbs/30_compression/00_train.ipynb #886ba0f5
-def lm_loss(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
-    "Mean next-token cross-entropy, in float32."
-    return nn.losses.cross_entropy(model(x).astype(mx.float32), y, reduction="mean")
-
 def classifier_loss(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
     "Mean cross-entropy of a classifier."
     return nn.losses.cross_entropy(model(x), y, reduction="mean")
@@ -80,62 +77,30 @@ def schedule(lr: float, steps: int, warmup: int = 0):
     if warmup <= 0: return decay
     return optim.join_schedules([optim.linear_schedule(lr / 100, lr, warmup), decay], [warmup])
 
-def _fingerprint(model: nn.Module, **settings) -> dict:
-    shapes = {k: list(v.shape) for k, v in tree_flatten(model.trainable_parameters())}
-    return {"parameters": hashlib.sha1(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16],
-            "n_parameters": len(shapes), **settings}
-
-def _save(folder: Path, model: nn.Module, opt: optim.Optimizer, meta: dict, losses: list[float],
-          ema: dict | None = None) -> None:
-    with atomic_dir(folder) as tmp:
-        mx.save_safetensors(str(tmp / "weights.safetensors"), dict(tree_flatten(model.trainable_parameters())))
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
-        if ema is not None: mx.save_safetensors(str(tmp / "ema.safetensors"), dict(tree_flatten(ema)))
-        atomic_write_json(tmp / "state.json", {**meta, "losses": losses})
-
-def _resume(folder: Path, model: nn.Module, opt: optim.Optimizer, meta: dict) -> list[float]:
-    state_file = folder / "state.json"
-    saved = json.loads(state_file.read_text())
-    for k, v in meta.items():
-        if k != "step" and saved.get(k) != v:
-            raise ConfigError("the checkpoint was made by a different run", file=state_file, key=k, expected=saved.get(k),
-                              got=v, hint="use the same settings, or another checkpoint folder to start over")
-    model.load_weights(list(_read(folder / "weights.safetensors").items()), strict=False)
-    opt.init(model.trainable_parameters())
-    opt.state = tree_unflatten(list(_read(folder / "optimizer.safetensors").items()))
-    return saved["losses"]
-
-def _read(path: Path) -> dict:
-    "A checkpoint's safetensors file, or a `ModelLoadingError` naming it (MLX's own reader raises a bare RuntimeError)."
-    try: return mx.load(str(path))
-    except (RuntimeError, ValueError, OSError) as e:
-        raise ModelLoadingError(f"unreadable checkpoint file: {e}", where=path,
-                                hint="delete the checkpoint folder to start over, or restore the file") from e
-
-def _resume_ema(folder: Path) -> dict:
-    return tree_unflatten(list(_read(folder / "ema.safetensors").items()))
-
 # %% ../../nbs/30_compression/00_train.ipynb #44c8db48
 def fit(model: nn.Module, loss_fn: Callable[..., mx.array], batches: Iterator[tuple], *, steps: int, lr: float = 1e-4,
         warmup: int = 0, weight_decay: float = 0.0, grad_clip: float | None = 1.0,
         after_step: Callable[[nn.Module, int], None] | None = None, checkpoint: Path | str | None = None,
         save_every: int = 50, desc: str = "train",
-        grad_fn: Callable[..., tuple[mx.array, dict]] | None = None, ema: float = 0.0) -> FitResult:
+        grad_fn: Callable[..., tuple[mx.array, dict]] | None = None, ema: float = 0.0,
+        settings: dict | None = None) -> FitResult:
     """Train `model`'s trainable parameters on `loss_fn(model, *batch)` with AdamW and a warmup+cosine schedule; resumable.
     `grad_fn(model, *batch) -> (loss, grads)` replaces the plain gradient (e.g. CLIP's gradient cache); `ema` > 0 keeps
-    a moving average of the weights with that decay (checkpointed, returned as `FitResult.ema`)."""
+    a moving average of the weights with that decay (checkpointed, returned as `FitResult.ema`); `settings` are further
+    values a resume must match (the data's name, say)."""
     if steps < 1: raise ConfigError("steps must be >= 1", key="steps", expected=">= 1", got=steps)
     if lr <= 0: raise ConfigError("lr must be > 0", key="lr", expected="> 0", got=lr)
     if not 0.0 <= ema < 1.0: raise ConfigError("ema is a decay in [0, 1)", key="ema", expected="e.g. 0.999", got=ema)
     opt = optim.AdamW(learning_rate=schedule(lr, steps, warmup), weight_decay=weight_decay)
-    meta = _fingerprint(model, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, **({"ema": ema} if ema else {}))
+    fp = fingerprint(model, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, **({"ema": ema} if ema else {}),
+                     **(settings or {}))
     folder = Path(checkpoint) if checkpoint is not None else None
     losses, start = [], 0
     avg = dict(model.trainable_parameters()) if ema else None
-    if folder is not None and (folder / "state.json").exists():
-        losses = _resume(folder, model, opt, meta)
+    if has_checkpoint(folder):
+        losses = load_checkpoint(folder, model, opt, fp)["state"]["losses"]
         start = len(losses)
-        if ema: avg = _resume_ema(folder)
+        if ema: avg = load_arrays(folder, "ema")
         for _ in range(start): next(batches)          # the batches the first run already used
         if after_step is not None and start: after_step(model, start)
     value_and_grad = grad_fn or nn.value_and_grad(model, loss_fn)   # grad_fn(model, *batch) -> (loss, grads)
@@ -154,7 +119,8 @@ def fit(model: nn.Module, loss_fn: Callable[..., mx.array], batches: Iterator[tu
             losses.append(loss.item())
             bar.update(); bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             if folder is not None and (step % save_every == 0 or step == steps):
-                _save(folder, model, opt, {**meta, "step": step}, losses, avg)
+                save_checkpoint(folder, model, opt, fingerprint=fp, state={"step": step, "losses": losses},
+                                arrays={"ema": avg} if ema else None)
     model.eval()
     return FitResult(losses, steps, start, time.perf_counter() - t0, avg)
 

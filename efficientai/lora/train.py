@@ -10,7 +10,7 @@ Docs: https://efficientai.github.io/efficientai/10_lora/train.html.md"""
 from __future__ import annotations
 import efficientai  # first: loads fast BLAS
 import contextlib, json, math, sys, time
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field, asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -18,23 +18,24 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_unflatten, tree_map
+from mlx.utils import tree_flatten, tree_map
 from tqdm.auto import tqdm
 from ..errors import ConfigError, DataError, TrainingError
-from ..io import atomic_dir, atomic_write_json
+from ..checkpoint import STATE_FILE, WEIGHTS_FILE, fingerprint, has_checkpoint, read_checkpoint, restore_checkpoint
+from ..checkpoint import save_checkpoint as write_checkpoint
 from ..logging import get_logger
 from .config import LoraConfig, config_to_dict, save_config
 from .data import Sample, load_folder, pack_samples, iterate_batches
 from .loss import head_fn, loss_inputs, masked_loss, dataset_loss
 from .kernels import fast_kernels
-from .adapters import prepare_model, parameter_counts, save_adapters, ADAPTER_FILE, _layers
+from .adapters import prepare_model, parameter_counts, save_adapters, ADAPTER_FILE, ADAPTER_CONFIG, _layers
 
 log = get_logger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'CHECKPOINT', 'learning_rate', 'build_optimizer', 'TrainState', 'save_checkpoint', 'load_checkpoint',
-           'make_step', 'grad_checkpointing', 'in_notebook', 'LossPlot', 'TrainResult', 'validation_loss', 'train',
-           'data_folder', 'load_data', 'finetune']
+           'refuse_other_base', 'with_base_model', 'load_adapter_file', 'make_step', 'grad_checkpointing',
+           'in_notebook', 'LossPlot', 'TrainResult', 'validation_loss', 'train', 'data_folder', 'load_data', 'finetune']
 
 # %% ../../nbs/10_lora/05_train.ipynb #67b2c2bc
 def learning_rate(cfg: LoraConfig):
@@ -78,27 +79,58 @@ CHECKPOINT = "checkpoint"
 _MUST_MATCH = ("model", "data", "fine_tune_type", "num_layers", "lora_parameters", "batch_size", "grad_accumulation_steps",
                "mask_prompt", "max_seq_length", "batching", "seed", "quantize_bits", "quantize_group_size")
 
+def _fingerprint(model: nn.Module, cfg: LoraConfig) -> dict:
+    now = config_to_dict(cfg)
+    return fingerprint(model, **{k: now.get(k) for k in _MUST_MATCH})
+
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: optim.Optimizer, cfg: LoraConfig, state: TrainState) -> Path:
-    "Adapters, optimizer state, config and `state` into `folder`, replaced atomically."
-    with atomic_dir(folder) as tmp:
-        save_adapters(model, cfg, tmp)
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-        atomic_write_json(tmp / "state.json", {"config": config_to_dict(cfg), "state": asdict(state)})
-    return folder
+    "Adapters, optimizer state, config and `state` into `folder` (`efficientai.checkpoint`'s format), replaced atomically."
+    return write_checkpoint(folder, model, optimizer, fingerprint=_fingerprint(model, cfg), state=asdict(state),
+                            run={"config": config_to_dict(cfg)})
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: optim.Optimizer, cfg: LoraConfig) -> TrainState:
-    "Restore adapters and optimizer from `folder`; refuse a checkpoint from a different set-up."
-    saved = json.loads((folder / "state.json").read_text())
-    now = config_to_dict(cfg)
-    diff = [k for k in _MUST_MATCH if saved["config"].get(k) != now.get(k)]
-    if diff:
-        raise ConfigError(f"the checkpoint was made with different {', '.join(diff)}", file=folder / "state.json", key=diff[0],
-                          expected=saved["config"].get(diff[0]), got=now.get(diff[0]),
-                          hint="use the same settings, or a fresh adapter_path (or --no-resume) to start over")
-    model.load_weights(str(folder / ADAPTER_FILE), strict=False)
-    optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+    "Restore adapters and optimizer from `folder`; refuse a checkpoint from a different set-up or other base weights."
+    saved = read_checkpoint(folder, _fingerprint(model, cfg),
+                            hint="use the same settings, or a fresh adapter_path (or --no-resume) to start over")
+    made_on = saved["run"].get("config", {}).get("base_model")
+    refuse_other_base(made_on, config_to_dict(cfg).get("base_model"), folder / STATE_FILE, "the checkpoint")
+    restore_checkpoint(folder, model, optimizer)
     return TrainState(**saved["state"])
+
+# %% ../../nbs/10_lora/05_train.ipynb #e8c1f5d3
+def refuse_other_base(made_on: dict | None, now: dict | None, where: Path, what: str) -> None:
+    "`ConfigError` when `made_on` and `now` (`ModelSource` records) differ in weights; a missing record passes."
+    from efficientai.zoo.catalog import ModelSource
+    if not made_on or not now: return
+    a, b = ModelSource.from_dict(made_on), ModelSource.from_dict(now)
+    if a.same_weights(b): return
+    raise ConfigError(f"{what} was made on other base weights. Made on: {a}. This run loads: {b}", file=where,
+                      key="base_model", hint="load the same copy (a folder path names one; EFFICIENTAI_HUB=off skips "
+                      "the Hub), or start over: a fresh adapter_path, --no-resume, or drop base_model from the config")
+
+def with_base_model(cfg: LoraConfig, source=None) -> LoraConfig:
+    "`cfg` with `base_model` = the record of its base weights (`source`, else `model_source(cfg.model)`)."
+    from efficientai.zoo.catalog import model_source
+    now = (source or model_source(cfg.model)).to_dict()
+    refuse_other_base(cfg.base_model, now, Path(cfg.adapter_path) / "config.yaml", "the config's base_model")
+    return replace(cfg, base_model=now)
+
+def load_adapter_file(model: nn.Module, cfg: LoraConfig) -> Path:
+    "mlx-lm's `resume_adapter_file`: load those adapter weights into `model`'s (prepared) adapter layers."
+    f = Path(cfg.resume_adapter_file).expanduser()
+    if not f.is_file(): raise ConfigError("no such adapter file", file=f, key="resume_adapter_file",
+                                         hint="point at the adapters.safetensors of an earlier run")
+    if (f.parent / ADAPTER_CONFIG).is_file():
+        made_on = json.loads((f.parent / ADAPTER_CONFIG).read_text()).get("base_model")
+        refuse_other_base(made_on, cfg.base_model, f.parent / ADAPTER_CONFIG, "resume_adapter_file")
+    weights, mine = mx.load(str(f)), dict(tree_flatten(model.trainable_parameters()))
+    bad = [k for k, v in weights.items() if k not in mine or mine[k].shape != v.shape]
+    if bad or not weights:
+        raise ConfigError(f"the adapters do not fit this run's adapter layers ({bad[0] if bad else 'empty file'})",
+                          file=f, key="resume_adapter_file",
+                          hint="use the fine_tune_type, num_layers and lora_parameters of the run that wrote them")
+    model.load_weights(list(weights.items()), strict=False)
+    return f
 
 # %% ../../nbs/10_lora/05_train.ipynb #a45c2875
 def make_step(model: nn.Module, optimizer: optim.Optimizer, cfg: LoraConfig, head) -> Callable:
@@ -168,6 +200,10 @@ class TrainResult:
     def tokens_per_second(self) -> float: return self.state.tokens / max(self.state.train_seconds, 1e-9)
     @property
     def loss_tokens_per_second(self) -> float: return self.state.loss_tokens / max(self.state.train_seconds, 1e-9)
+    @property
+    def test_loss(self) -> float | None:
+        "The last test-set loss (`test: true`), else None."
+        return next((h["test_loss"] for h in reversed(self.state.history) if "test_loss" in h), None)
 
 def validation_loss(model: nn.Module, valid: list[Sample], cfg: LoraConfig, head="auto") -> float:
     "Validation loss as the run defines it: `cfg.val_batches` batches (-1: all) of `cfg.batch_size`."
@@ -176,9 +212,17 @@ def validation_loss(model: nn.Module, valid: list[Sample], cfg: LoraConfig, head
 
 def train(model: nn.Module, cfg: LoraConfig, train_set: list[Sample], valid_set: list[Sample] | None = None, *,
           resume: bool = True, progress: bool = True, plot: bool | str = "auto",
-          callback: Callable[[dict], bool | None] | None = None) -> TrainResult:
+          callback: Callable[[dict], bool | None] | None = None, test_set: list[Sample] | None = None,
+          source=None) -> TrainResult:
     """Fine-tune `model` (prepared here by `cfg.fine_tune_type`) on `train_set`; adapters and checkpoints go to `cfg.adapter_path`.
-    `callback(record)` sees every history record; returning True stops the run (saved, resumable)."""
+    `callback(record)` sees every history record; returning True stops the run (saved, resumable).
+    `test_set` is scored after training when `cfg.test`; `source`: the `ModelSource` of `model` (default: `cfg.model`'s).
+    """
+    if not cfg.train: raise ConfigError("`train: false` (test only) is not a training run", key="train",
+                                        hint="score adapters with `efficientai lora eval --adapter-path DIR`")
+    if cfg.test and not test_set: raise DataError("`test: true` needs a test set", where=cfg.data,
+                                                  hint="put test.jsonl in the data folder, or set test: false")
+    cfg = with_base_model(cfg, source)
     out = Path(cfg.adapter_path); out.mkdir(parents=True, exist_ok=True)
     mx.random.seed(cfg.seed)
     prepare_model(model, cfg)
@@ -186,12 +230,17 @@ def train(model: nn.Module, cfg: LoraConfig, train_set: list[Sample], valid_set:
     if counts["trainable"] == 0: raise ConfigError("nothing to train", key="lora_parameters.keys")
     optimizer = build_optimizer(cfg)
     ck = out / CHECKPOINT
-    if resume and (ck / "state.json").is_file():
+    if resume and has_checkpoint(ck):
         state = load_checkpoint(ck, model, optimizer, cfg)
         state.stopped = None                       # a finished or stopped run continues if `iters` allows
         log.info("resumed %s at step %d (epoch %d, batch %d)", out, state.step, state.epoch, state.position)
         state.history.append({"step": state.step, "event": "resumed"})
-    else: state = TrainState()
+    else:
+        state = TrainState()
+        if cfg.resume_adapter_file is not None:
+            f = load_adapter_file(model, cfg)
+            log.info("starting from the adapters in %s", f)
+            state.history.append({"step": 0, "event": "adapters loaded", "file": str(f)})
     save_config(cfg, out / "config.yaml")
     if state.step == 0 and not (out / ADAPTER_FILE).exists(): save_adapters(model, cfg, out)
     rows = pack_samples(train_set, cfg.max_seq_length) if cfg.batching == "pack" else train_set
@@ -249,6 +298,14 @@ def train(model: nn.Module, cfg: LoraConfig, train_set: list[Sample], valid_set:
             evaluate(final=True)
             state.stopped = "done"
         if not valid_set: save_adapters(model, cfg, out)
+        if cfg.test:        # mlx-lm's `test`: the weights at the end of training, `test_batches` batches
+            model.eval()
+            n_test = None if cfg.test_batches == -1 else cfg.test_batches
+            t = dataset_loss(model, test_set, cfg.batch_size, max_batches=n_test, head=head, seed=cfg.seed,
+                             max_seq_length=cfg.max_seq_length)
+            rec = {"step": state.step, "test_loss": t["loss"], "test_ppl": t["ppl"], "test_tokens": t["tokens"]}
+            state.history.append(rec)
+            log.info("test loss %.3f, test ppl %.3f", t["loss"], t["ppl"])
         save_checkpoint(ck, model, optimizer, cfg, state)
         if live is not None: live.update(state.history)
     return TrainResult(out, state, counts, fast, mx.get_peak_memory() / 1e9)
@@ -271,11 +328,12 @@ def load_data(cfg: LoraConfig, tokenizer, progress: bool = False) -> dict:
                        progress=progress)
 
 def finetune(cfg: LoraConfig, *, resume: bool = True, progress: bool = True, plot: bool | str = "auto",
-             callback=None, model=None, tokenizer=None, data: dict | None = None) -> TrainResult:
-    "Load model and data named by `cfg` (unless given) and `train`."
+             callback=None, model=None, tokenizer=None, data: dict | None = None, source=None) -> TrainResult:
+    "Load model and data named by `cfg` (unless given) and `train`; `source`: the given model's `ModelSource`."
     from efficientai.zoo.catalog import load_model
-    if model is None: model, tokenizer = load_model(cfg.model)
+    if model is None: model, tokenizer, source = load_model(cfg.model, with_source=True)
     data = data or load_data(cfg, tokenizer)
     for split, (_, report) in data.items(): log.info("%s: %s", split, report)
-    valid = data["valid"][0] if "valid" in data else None
-    return train(model, cfg, data["train"][0], valid, resume=resume, progress=progress, plot=plot, callback=callback)
+    valid, test = (data[s][0] if s in data else None for s in ("valid", "test"))
+    return train(model, cfg, data["train"][0], valid, resume=resume, progress=progress, plot=plot, callback=callback,
+                 test_set=test, source=source)
