@@ -7,7 +7,7 @@ Docs: https://efficientai.github.io/efficientai/10_lora/cli.html.md"""
 # %% ../../nbs/10_lora/09_cli.ipynb #23798143
 from __future__ import annotations
 import efficientai  # first: loads fast BLAS
-import argparse, json
+import argparse, json, math
 from pathlib import Path
 from ..cli import command
 from ..errors import ConfigError
@@ -82,15 +82,17 @@ def lora_train(args) -> int:
     from efficientai.lora.evaluate import evaluate_run
     from efficientai.zoo.catalog import load_model
     cfg = cli_config(args)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer, source = load_model(cfg.model, with_source=True)
+    print(f"base model: {source}")
     data = load_data(cfg, tokenizer)
     for split, (_, report) in data.items(): print(f"{split}: {report}")
-    r = finetune(cfg, resume=not args.no_resume, plot=False, model=model, tokenizer=tokenizer, data=data)
+    r = finetune(cfg, resume=not args.no_resume, plot=False, model=model, tokenizer=tokenizer, data=data, source=source)
     c = r.counts
     print(f"{cfg.fine_tune_type}: {c['trainable']:,} trainable of {c['total']:,} parameters ({c['percent']:.3f}%), "
           f"fast kernels {'on' if r.fast_kernels else 'off'}")
     print(f"{r.state.step} steps ({r.state.stopped}), {r.tokens_per_second:.0f} tokens/s, peak memory {r.peak_memory_gb:.2f} GB")
     if r.state.best_loss is not None: print(f"best validation loss {r.state.best_loss:.4f} at step {r.state.best_step}")
+    if r.test_loss is not None: print(f"test loss {r.test_loss:.3f}, test ppl {math.exp(r.test_loss):.3f}")
     print(f"adapters: {r.adapter_path}")
     if args.eval:
         metrics, gens = evaluate_run(r.adapter_path, n_test=args.eval)

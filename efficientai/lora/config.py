@@ -84,19 +84,22 @@ class LoraConfig:
     seed: int = 0
     adapter_path: Path = Path("adapters")
     fast_kernels: str = field(default="auto", metadata=_rule(lambda v: v in ("auto", "on", "off"), "auto, on or off"))
-    # accepted so that mlx_lm.lora config files load unchanged; `efficientai lora train` always trains
-    train: bool = True
-    test: bool = False
-    test_batches: int = 500
-    resume_adapter_file: Path | None = None
+    train: bool = True                        # mlx-lm's; `false` (test only) is refused: use `efficientai lora eval`
+    test: bool = False                        # after training, the loss on test.jsonl (mlx-lm's semantics)
+    test_batches: int = field(default=500, metadata=_rule(lambda v: v == -1 or v > 0, "-1 (all) or a positive integer"))
+    resume_adapter_file: Path | None = None   # start from these adapter weights (mlx-lm's semantics)
+    # written by the trainer: which copy of `model` the run used (`efficientai.zoo.catalog.ModelSource`); a run
+    # whose config already holds one refuses other base weights
+    base_model: dict | None = field(default=None, metadata=_rule(lambda v: isinstance(v, dict), "a mapping"))
 
     @property
     def method(self) -> str: return self.fine_tune_type
 
 # %% ../../nbs/10_lora/00_config.ipynb #2d27775f
 _NESTED = {"lora_parameters": LoraParameters, "lr_schedule": Schedule}
-_UNSUPPORTED = {"wandb": "logging goes to history.jsonl in the adapter folder", "report_to": "logging goes to history.jsonl",
-                "project_name": "logging goes to history.jsonl", "hf_dataset": "give a local folder of jsonl files",
+_HISTORY = "the loss history is in the adapter folder's checkpoint/state.json (`state.history`)"
+_UNSUPPORTED = {"wandb": _HISTORY, "report_to": _HISTORY, "project_name": _HISTORY,
+                "hf_dataset": "give a local folder of jsonl files",
                 "optimizer_config": "use `weight_decay`", "lora_layers": "renamed `num_layers` in mlx-lm"}
 
 def config_from_dict(values: dict, *, file: str | Path | None = None) -> LoraConfig:

@@ -6,11 +6,13 @@ Docs: https://efficientai.github.io/efficientai/05_zoo/catalog.html.md"""
 
 # %% ../../nbs/05_zoo/07_catalog.ipynb #457e16b4
 from __future__ import annotations
-import argparse, json, logging, os
+import argparse, json, logging, os, re
+from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 
 from ..cli import command
 from ..errors import ModelLoadingError, DataError
+from ..io import sha256_file
 from .cache import ZooEntry, cache_root, fetch_entry, read_manifest, verify_entry
 from .llm import SMOLLM2_ENTRIES
 from .minilm import MINILM
@@ -24,7 +26,7 @@ log = logging.getLogger("efficientai.zoo")
 
 # %% auto #0
 __all__ = ['log', 'ENTRIES', 'HUB_TWINS', 'entry', 'fetch', 'info', 'catalog', 'hub_snapshot', 'model_path', 'load_model',
-           'zoo_list', 'zoo_fetch', 'zoo_info']
+           'ModelSource', 'model_source', 'zoo_list', 'zoo_fetch', 'zoo_info']
 
 # %% ../../nbs/05_zoo/07_catalog.ipynb #e51efdfc
 ENTRIES: dict[str, ZooEntry] = {e.name: e for e in (*SMOLLM2_ENTRIES, MINILM, KJV, WORDNET, FASHION_MNIST, DIGITS, EMOJI, KJV_CITE,
@@ -80,43 +82,110 @@ def _hub_enabled() -> bool:
         and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", "")
 
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
+_HUB_ERRORS: dict[str, str] = {}     # repo -> why its download failed (this process)
+_WARNED: set[str] = set()            # names whose fallback has been warned about
 
 def hub_snapshot(repo: str, *, download: bool = True) -> Path | None:
     "Local folder of Hub repo `repo`: from the Hugging Face cache, else downloaded; None when neither works."
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
     try: return Path(snapshot_download(repo, allow_patterns=_HUB_FILES, local_files_only=True))
-    except Exception: pass               # not cached (huggingface_hub raises several types for this)
+    except (LocalEntryNotFoundError, HFValidationError) as e: log.debug("%s not in the Hugging Face cache: %s", repo, e)
     if not (download and _hub_enabled()): return None
-    try: return Path(snapshot_download(repo, allow_patterns=_HUB_FILES))
-    except Exception as e:
-        log.info("Hub not reachable for %s (%s); falling back", repo, type(e).__name__); return None
+    try: snap = Path(snapshot_download(repo, allow_patterns=_HUB_FILES))
+    except Exception as e:   # network, auth, no such repo: huggingface_hub raises many types; keep the reason
+        _HUB_ERRORS[repo] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        log.debug("Hub download of %s failed: %s", repo, _HUB_ERRORS[repo]); return None
+    _HUB_ERRORS.pop(repo, None); return snap
 
-def model_path(name: str | Path, *, hub: bool = True) -> Path:
-    "Folder of model `name`: a local folder, its Hub twin (cache, then download), else the zoo's offline build."
+def _resolve(name: str | Path, hub: bool) -> tuple[Path, str, str | None]:
+    "`(folder, origin, repo)` of model `name`; origin is 'folder', 'hub' or 'zoo'."
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").exists():
             raise ModelLoadingError("not a model folder (no config.json)", where=p,
                                     hint="point at a folder with config.json and *.safetensors")
-        return p
+        return p, "folder", None
     name = str(name)
     repo = HUB_TWINS.get(name, name if "/" in name else None)
     if hub and repo and (snap := hub_snapshot(repo)) is not None and (snap / "config.json").exists():
-        log.info("%s: using %s from the Hugging Face Hub (%s)", name, repo, snap); return snap
+        log.info("%s: using %s from the Hugging Face Hub (%s)", name, repo, snap); return snap, "hub", repo
+    why = _HUB_ERRORS.get(repo) if hub and repo else None
     if name in ENTRIES and ENTRIES[name].kind == "model":
-        log.info("%s: using the zoo's offline build", name); return fetch(name)
+        folder = fetch(name)
+        loud = log.warning if why and name not in _WARNED else log.info
+        loud("%s: using the zoo's offline build (%s)%s", name, folder,
+             f"; the Hub copy {repo} could not be downloaded: {why}" if why else "")
+        if why: _WARNED.add(name)
+        return folder, "zoo", None
     if name in ENTRIES: raise ModelLoadingError(f"{name!r} is a dataset, not a model")
-    raise ModelLoadingError(f"cannot find model {name!r}: not a local folder, not reachable on the Hub, not in the zoo",
+    raise ModelLoadingError(f"cannot find model {name!r}: not a local folder, not in the zoo, not reachable on the Hub"
+                            + (f" ({why})" if why else ""),
                             hint="zoo models: " + ", ".join(n for n, e in ENTRIES.items() if e.kind == "model"))
 
-def load_model(name: str | Path, *, hub: bool = True, **kw):
-    "`(model, tokenizer)` of a causal LM by zoo name, Hub repo id or folder, via `mlx_lm.load`."
+def model_path(name: str | Path, *, hub: bool = True) -> Path:
+    "Folder of model `name`: a local folder, its Hub twin (cache, then download), else the zoo's offline build."
+    return _resolve(name, hub)[0]
+
+def load_model(name: str | Path, *, hub: bool = True, with_source: bool = False, **kw):
+    """`(model, tokenizer)` of a causal LM by zoo name, Hub repo id or folder, via `mlx_lm.load`;
+    `with_source`: `(model, tokenizer, ModelSource)`, the record of which copy was loaded."""
     import mlx_lm
-    path = model_path(name, hub=hub)
-    try: return mlx_lm.load(str(path), **kw)
+    source = model_source(name, hub=hub) if with_source else None
+    path = Path(source.path) if source else model_path(name, hub=hub)
+    try: loaded = mlx_lm.load(str(path), **kw)
     except (ValueError, FileNotFoundError, KeyError, OSError) as e:
         raise ModelLoadingError(f"mlx_lm cannot load this model: {e}", where=path,
                                 hint="for zoo models, rebuild it with `efficientai zoo fetch NAME --force`") from e
+    return (*loaded, source) if with_source else loaded
+
+# %% ../../nbs/05_zoo/07_catalog.ipynb #b4e2f9a1
+@dataclass
+class ModelSource:
+    "Which copy of a model was loaded: enough to tell two copies that share a name apart."
+    name: str                        # what was asked for: zoo name, Hub repo id or folder
+    origin: str                      # "zoo", "hub" or "folder"
+    path: str
+    repo: str | None = None          # Hub repo id (origin "hub")
+    revision: str | None = None      # Hub commit of the snapshot (origin "hub")
+    weights: dict[str, str] = field(default_factory=dict)   # weights file -> sha256
+
+    def to_dict(self) -> dict: return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSource:
+        known = {f.name for f in fields(cls)}
+        return cls(**{"name": "?", "origin": "?", "path": "?", **{k: v for k, v in d.items() if k in known}})
+
+    def same_weights(self, other: ModelSource) -> bool:
+        "Same weight bytes: the sha256 of every weights file (names and paths may differ)."
+        return bool(self.weights) and sorted(self.weights.values()) == sorted(other.weights.values())
+
+    def __str__(self) -> str:
+        hub = f"{self.repo}@{(self.revision or '?')[:12]} from the Hugging Face Hub"
+        where = {"zoo": "the zoo's offline build", "folder": "a local folder", "hub": hub}.get(self.origin, self.origin)
+        sums = ", ".join(f"{f} sha256 {h[:12]}" for f, h in sorted(self.weights.items())) or "no weights files"
+        return f"{self.name}: {where} at {self.path} ({sums})"
+
+# %% ../../nbs/05_zoo/07_catalog.ipynb #c9f3a2b7
+_SHA_MEMO: dict[tuple, str] = {}
+
+def _digest(f: Path, manifest: dict) -> str:
+    "sha256 of weights file `f`: the zoo manifest's, the Hub cache's blob name, else hashed (memoised)."
+    known = manifest.get(f.name)
+    if known and known["bytes"] == f.stat().st_size: return known["sha256"]
+    blob = Path(os.path.realpath(f)).name
+    if f.is_symlink() and re.fullmatch(r"[0-9a-f]{64}", blob): return blob   # HF cache: LFS blobs are named by sha256
+    st = f.stat(); key = (os.path.realpath(f), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO: _SHA_MEMO[key] = sha256_file(f)
+    return _SHA_MEMO[key]
+
+def model_source(name: str | Path, *, hub: bool = True) -> ModelSource:
+    "Resolve model `name` as `model_path` does, and record which copy it is (`ModelSource`)."
+    folder, origin, repo = _resolve(name, hub)
+    manifest = (read_manifest(folder) or {}).get("files", {})
+    weights = {f.name: _digest(f, manifest) for f in sorted(folder.glob("*.safetensors"))}
+    return ModelSource(str(name), origin, str(folder), repo, folder.name if origin == "hub" else None, weights)
 
 # %% ../../nbs/05_zoo/07_catalog.ipynb #5a3c3d46
 def _print_table(rows: list[dict]) -> None:
