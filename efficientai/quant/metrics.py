@@ -82,7 +82,7 @@ def quality(model: nn.Module, ref: Reference) -> dict:
         x, y = ref.inputs[i:i + ref.batch], ref.targets[i:i + ref.batch]
         lp = _logprobs(m, x)
         rp = lp if m is ref.model else _logprobs(ref.model, x)
-        sums = (_target_nll(lp, y), _target_nll(rp, y), (mx.exp(rp) * (rp - lp)).sum(),
+        sums = (_target_nll(lp, y), _target_nll(rp, y), (mx.exp(rp) * (rp - lp)).sum(-1).sum(),
                 (mx.argmax(lp, -1) == mx.argmax(rp, -1)).sum())
         mx.eval(*sums)
         nll, ref_nll, kl, agree = (a + s.item() for a, s in zip((nll, ref_nll, kl, agree), sums))
