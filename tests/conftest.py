@@ -1,4 +1,4 @@
-import json, os, subprocess, sys
+import hashlib, json, os, resource, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -57,3 +57,15 @@ def pytest_sessionfinish(session):
     if CI_OUT is not None and not os.environ.get("PYTEST_XDIST_WORKER") and _durations:
         CI_OUT.mkdir(parents=True, exist_ok=True)
         (CI_OUT / "pytest-durations.json").write_text(json.dumps({k: round(v, 2) for k, v in _durations.items()}, indent=1))
+
+
+def full_disk_run(args, max_file_bytes: int):
+    "Run `args` as `run` does, but no file it writes may grow past `max_file_bytes`: a disk that fills up mid-save."
+    e = {k: v for k, v in os.environ.items() if not k.startswith("EFFICIENTAI_")}
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+    return subprocess.run(args, cwd=ROOT, env=e, capture_output=True, text=True, timeout=900, preexec_fn=limit)
+
+
+def digests(folder: Path) -> dict:
+    return {f.relative_to(folder).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}

@@ -1,8 +1,7 @@
 """The quantization chapter end to end from the command line: what a user who never opens a notebook runs."""
-import hashlib, json, os, resource, subprocess
-from pathlib import Path
+import json
 
-from conftest import BIN, ROOT, run
+from conftest import BIN, run, full_disk_run, digests
 
 MODEL = "smollm2-135m-instruct"
 
@@ -45,18 +44,6 @@ def test_bad_inputs_name_what_is_wrong(cli, tmp_path):
     p = cli("quant", "export", MODEL, "--to", "onnx", "--out", str(tmp_path / "m.txt"), check=False)
     assert p.returncode == 2 and ".onnx" in p.stderr, p.stderr
     assert not (tmp_path / "x").exists()
-
-
-def full_disk_run(args, max_file_bytes: int):
-    "Run `args` as `run` does, but no file it writes may grow past `max_file_bytes`: a disk that fills up mid-save."
-    e = {k: v for k, v in os.environ.items() if not k.startswith("EFFICIENTAI_")}
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
-    return subprocess.run(args, cwd=ROOT, env=e, capture_output=True, text=True, timeout=900, preexec_fn=limit)
-
-
-def digests(folder: Path) -> dict:
-    return {f.relative_to(folder).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 def test_existing_output_survives_a_failed_run(cli, tmp_path):
