@@ -17,6 +17,7 @@ import mlx.nn as nn
 from ..config import load_dataclass
 from ..errors import ConfigError
 from ..lora.kernels import fast_exp
+from ..models import on_cpu
 
 # %% auto #0
 __all__ = ['UNetConfig', 'silu', 'timestep_embedding', 'space_to_depth', 'depth_to_space', 'ResBlock', 'SelfAttention',
@@ -62,7 +63,7 @@ class UNetConfig:
 # %% ../../nbs/50_diffusion/02_unet.ipynb #cfc7ee33
 def silu(x: mx.array) -> mx.array:
     "x·sigmoid(x); with the polynomial exp on the CPU."
-    if mx.default_device() == mx.cpu and x.dtype == mx.float32: return x / (1.0 + fast_exp(-x))
+    if on_cpu() and x.dtype == mx.float32: return x / (1.0 + fast_exp(-x))
     return nn.silu(x)
 
 def timestep_embedding(t: mx.array, dim: int, max_period: float = 10_000.0) -> mx.array:
