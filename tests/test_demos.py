@@ -144,6 +144,7 @@ def test_diffusion_demo_from_the_cli(tmp_path, shots):
     import numpy as np
     from PIL import Image
     from efficientai.deploy.demos import draw_samples, drive, enlarge, on_mlx_thread, open_diffusion
+    from efficientai.errors import DeploymentError
     folder = tmp_path / "diffusion"
     r = subprocess.run([*CLI, "diffusion", "train", "--out", str(folder), "--steps", "30", "--batch-size", "16",
                         "--channels", "16,32,32"], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
@@ -154,7 +155,7 @@ def test_diffusion_demo_from_the_cli(tmp_path, shots):
         seen = drive(url, "Trouser, 9", ids, shots / "demo-diffusion.png")
         served = [np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(u, timeout=30).read())))
                   for u in seen["gallery"]]
-        with pytest.raises(Exception, match="no class 'Hat'"):
+        with pytest.raises(DeploymentError, match="no class 'Hat'"):
             drive(url, "Hat", ["status"])
     assert seen["status"].startswith("done: 8 samples"), seen          # the page's default: 4 of each class
     for k in ids[2:]: assert float(seen[k]) > 0, (k, seen)
