@@ -173,7 +173,10 @@ def read_config_file(path: Path) -> dict:
     path = Path(path)
     if not path.exists(): raise ConfigError("config file not found", file=path, hint="check the path")
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    try: text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (byte {e.start + 1} of the file)", file=path,
+                          hint="save the file as UTF-8") from None
     try:
         if suffix in (".yaml", ".yml"): data = yaml.safe_load(text) or {}
         elif suffix == ".toml": data = tomllib.loads(text)

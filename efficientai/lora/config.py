@@ -123,6 +123,9 @@ def load_config(path: str | Path | None = None, **overrides) -> LoraConfig:
         if not path.exists(): raise ConfigError("config file not found", file=path, hint="check the path")
         try: values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e: raise ConfigError(f"cannot parse YAML: {e}", file=path) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"not UTF-8 text (byte {e.start + 1} of the file)", file=path,
+                              hint="save the file as UTF-8") from None
         if not isinstance(values, dict): raise ConfigError("top level must be a mapping", file=path)
     for k, v in overrides.items():
         k = k.replace("__", ".")
