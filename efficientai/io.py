@@ -57,7 +57,11 @@ def read_jsonl(path: Path | str) -> list[dict]:
     "Records of a JSON-lines file, skipping a torn last line (a crash mid-append) but nothing else."
     path = Path(path)
     if not path.exists(): return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try: lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        from efficientai.errors import DataError
+        raise DataError(f"not UTF-8 text (byte {e.start + 1} of the file)", where=path,
+                        hint="save the file as UTF-8, or delete it to start a new one") from None
     out = []
     for i, line in enumerate(lines):
         if not line.strip(): continue
