@@ -196,8 +196,10 @@ class EfficientNetConfig:
         path = Path(path)
         try: raw = json.loads(path.read_text())
         except FileNotFoundError: raise ModelLoadingError("no config.json", where=path, hint=_FIX) from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelLoadingError(f"not valid JSON: {e}", where=path, hint=_FIX) from None
+        if not isinstance(raw, dict):
+            raise ModelLoadingError(f"config.json must hold a JSON object, not {type(raw).__name__}", where=path, hint=_FIX)
         def bad(key, expected):
             return ModelLoadingError(f"wrong architecture: {key} = {raw.get(key)!r}, expected {expected}", where=path,
                                      hint="this loader reads EfficientNet-Lite folders built by the zoo")
@@ -440,7 +442,7 @@ def _load_checked(model: EfficientNet, weights: dict[str, mx.array], path: Path)
 def _read_labels(path: Path, n: int) -> list[str]:
     if not path.exists(): raise ModelLoadingError("no labels.json", where=path, hint=_FIX)
     try: names = json.loads(path.read_text())["names"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise ModelLoadingError(f"labels.json is not a {{'names': [...]}} object ({e})", where=path,
                                 hint=_FIX) from None
     if len(names) != n: raise ModelLoadingError(f"{len(names)} names for {n} classes", where=path, hint=_FIX)

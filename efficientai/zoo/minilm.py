@@ -72,7 +72,10 @@ class BertConfig:
         try: raw = json.loads(path.read_text())
         except FileNotFoundError: raise ModelLoadingError("no config.json", where=path,
                                                           hint="point at a sentence-transformers or Hugging Face BERT folder") from None
-        except json.JSONDecodeError as e: raise ModelLoadingError(f"config.json is not valid JSON: {e}", where=path) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadingError(f"config.json is not valid JSON: {e}", where=path) from None
+        if not isinstance(raw, dict):
+            raise ModelLoadingError(f"config.json must hold a JSON object, not {type(raw).__name__}", where=path)
         def bad(key, expected):
             return ModelLoadingError(f"wrong architecture: {key} = {raw.get(key)!r}, expected {expected}", where=path,
                                      hint="this loader reads BERT encoders (model_type 'bert') only")
@@ -238,7 +241,8 @@ def load_weights_checked(model: nn.Module, weights: dict[str, mx.array], path: P
 def _read_json(path: Path, default: dict | list | None = None):
     if not path.exists(): return default
     try: return json.loads(path.read_text())
-    except json.JSONDecodeError as e: raise ModelLoadingError(f"{path.name} is not valid JSON: {e}", where=path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadingError(f"{path.name} is not valid JSON: {e}", where=path) from None
 
 def _tokenizer(folder: Path, max_len: int, pad_id: int):
     from tokenizers import Tokenizer, BertWordPieceTokenizer
