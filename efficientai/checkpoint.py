@@ -68,6 +68,9 @@ def read_checkpoint(folder: Path | str, fingerprint: dict,
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise ModelLoadingError(f"not a checkpoint of format {FORMAT} (an older layout?)", where=file,
                                 hint="delete the checkpoint folder to start over")
+    if not all(isinstance(saved.get(k), dict) for k in ("fingerprint", "state")):
+        raise ModelLoadingError("damaged checkpoint state: 'fingerprint' and 'state' must be mappings", where=file,
+                                hint="delete the checkpoint folder to start over")
     before, now = saved["fingerprint"], json.loads(json.dumps(fingerprint))
     diff = [k for k in [*now, *(k for k in before if k not in now)] if before.get(k) != now.get(k)]
     if diff:
