@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import DataError, DependencyError
 from ..io import atomic_write_json
 from .cache import ZooEntry, fetch_entry, read_manifest
-from .images import EMOJI, EMOJI_STORED_SIZE, ImageSplit, emoji, show_grid, _resize
+from .images import DAMAGED_FILE_ERRORS, EMOJI, EMOJI_STORED_SIZE, ImageSplit, emoji, show_grid, _resize
 from .text import WORDNET_DIRS, wordnet_dir
 
 # %% auto #0
@@ -143,8 +143,8 @@ def load_captions(folder: Path | str) -> CaptionSet:
         items = meta["items"]
         return CaptionSet(meta["name"], images, [it["caption"] for it in items], [it["keywords"] for it in items],
                           [it["id"] for it in items], meta["licence"], meta["source"])
-    except (OSError, ValueError, KeyError, TypeError, zlib.error) as e:
-        raise DataError(f"cached caption set is unreadable: {e}", where=folder,
+    except DAMAGED_FILE_ERRORS as e:
+        raise DataError(f"cached caption set is unreadable: {type(e).__name__}: {e}", where=folder,
                         hint="rebuild it: `fetch_entry(ENTRY, force=True)`") from e
 
 # %% ../../nbs/05_zoo/09_captions.ipynb #0dc6b8ab

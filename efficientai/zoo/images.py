@@ -7,7 +7,7 @@ Docs: https://efficientai.github.io/efficientai/05_zoo/images.html.md"""
 # %% ../../nbs/05_zoo/05_images.ipynb #eed0f9ec
 from __future__ import annotations
 import efficientai  # first: it loads the fast BLAS before mlx starts (see 00_foundation/01_backend)
-import gzip, json, os, struct, unicodedata, zlib
+import gzip, json, os, struct, tokenize, unicodedata, zipfile, zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -21,12 +21,12 @@ from .cache import ZooEntry, cache_root, download, fetch_entry, read_manifest
 import mlx.core as mx
 
 # %% auto #0
-__all__ = ['SPLIT_SEED', 'FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_FILES', 'FASHION_MNIST_MIRRORS',
-           'FASHION_MNIST', 'DIGITS_TEST_FRACTION', 'DIGITS', 'EMOJI_FONT_ENV', 'EMOJI_FONTS', 'EMOJI_FONT_SIZES',
-           'EMOJI_RANGES', 'EMOJI_STORED_SIZE', 'EMOJI_BLOCKS', 'EMOJI_TEST_FRACTION', 'EMOJI', 'ImageSplit',
-           'ImageDataset', 'stratified_split', 'resplit', 'save_dataset', 'load_dataset', 'batches', 'show_grid',
-           'read_idx', 'read_fashion_mnist', 'locate_fashion_mnist', 'fashion_mnist', 'digits', 'find_emoji_font',
-           'emoji_block', 'render_emoji', 'render_emoji_font', 'emoji_entry', 'emoji']
+__all__ = ['SPLIT_SEED', 'DAMAGED_FILE_ERRORS', 'FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_FILES',
+           'FASHION_MNIST_MIRRORS', 'FASHION_MNIST', 'DIGITS_TEST_FRACTION', 'DIGITS', 'EMOJI_FONT_ENV', 'EMOJI_FONTS',
+           'EMOJI_FONT_SIZES', 'EMOJI_RANGES', 'EMOJI_STORED_SIZE', 'EMOJI_BLOCKS', 'EMOJI_TEST_FRACTION', 'EMOJI',
+           'ImageSplit', 'ImageDataset', 'stratified_split', 'resplit', 'save_dataset', 'load_dataset', 'batches',
+           'show_grid', 'read_idx', 'read_fashion_mnist', 'locate_fashion_mnist', 'fashion_mnist', 'digits',
+           'find_emoji_font', 'emoji_block', 'render_emoji', 'render_emoji_font', 'emoji_entry', 'emoji']
 
 # %% ../../nbs/05_zoo/05_images.ipynb #a634821d
 @dataclass(eq=False)
@@ -110,6 +110,10 @@ def save_dataset(ds: ImageDataset, folder: Path | str, compress: bool = False) -
         "captions": {n: getattr(ds, n).captions for n in ("train", "test")}})
     return folder
 
+# What reading a damaged .npz (numpy parses a zip, then each array's header) or a damaged JSON record can raise
+DAMAGED_FILE_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, MemoryError, SyntaxError,
+                       NotImplementedError, zipfile.BadZipFile, zlib.error, tokenize.TokenError, struct.error)
+
 def load_dataset(folder: Path | str) -> ImageDataset:
     "Read a dataset written by `save_dataset`."
     folder = Path(folder)
@@ -119,10 +123,11 @@ def load_dataset(folder: Path | str) -> ImageDataset:
         for name in ("train", "test"):
             with np.load(folder / f"{name}.npz") as z:
                 splits[name] = ImageSplit(z["images"], z["labels"].astype(np.int64), meta["captions"][name])
-    except (OSError, ValueError, KeyError, zlib.error) as e:
-        raise DataError(f"cached dataset is unreadable: {e}", where=folder,
+        return ImageDataset(meta["name"], meta["classes"], splits["train"], splits["test"], meta["licence"],
+                            meta["source"])
+    except DAMAGED_FILE_ERRORS as e:
+        raise DataError(f"cached dataset is unreadable: {type(e).__name__}: {e}", where=folder,
                         hint="rebuild it: `fetch_entry(ENTRY, force=True)`") from e
-    return ImageDataset(meta["name"], meta["classes"], splits["train"], splits["test"], meta["licence"], meta["source"])
 
 # %% ../../nbs/05_zoo/05_images.ipynb #9f52ed70
 def batches(split: ImageSplit, batch_size: int, *, shuffle: bool = True, seed: int = 0,
