@@ -1,8 +1,42 @@
 #!/usr/bin/env bash
 # Set up EfficientAI on a fresh machine (idempotent): system packages, uv, the locked environment in .venv,
 # and the `efficientai` Jupyter kernel. Debian/Ubuntu (as root or with sudo) and macOS.
+#   bash scripts/setup.sh [--cuda | --cpu] [--dry-run]
+# MLX's backend on Linux: CPU (mlx-cpu), or NVIDIA GPUs through CUDA (mlx-cuda-13, the `cuda` extra) with --cuda, with
+# EFFICIENTAI_CUDA=1, or by itself where `nvidia-smi` lists a GPU; --cpu or EFFICIENTAI_CUDA=0 keeps the CPU one.
+# --dry-run prints the backend and the uv command it would run, and changes nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+BACKEND="" DRY_RUN=0
+for arg in "$@"; do
+  case "$arg" in
+    --cuda) BACKEND=cuda ;;
+    --cpu) BACKEND=cpu ;;
+    --dry-run) DRY_RUN=1 ;;
+    *) echo "setup: unknown option $arg (expected --cuda, --cpu or --dry-run)" >&2; exit 2 ;;
+  esac
+done
+if [ -z "$BACKEND" ]; then
+  case "${EFFICIENTAI_CUDA:-}" in
+    1|true|yes) BACKEND=cuda WHY="EFFICIENTAI_CUDA=${EFFICIENTAI_CUDA}" ;;
+    0|false|no) BACKEND=cpu WHY="EFFICIENTAI_CUDA=${EFFICIENTAI_CUDA}" ;;
+    "") if [ "$(uname -s)" = Linux ] \
+            && GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1) && [ -n "$GPU" ]
+        then BACKEND=cuda WHY="nvidia-smi lists $GPU"
+        else BACKEND=cpu WHY="no GPU from nvidia-smi; --cuda or EFFICIENTAI_CUDA=1 picks CUDA"; fi ;;
+    *) echo "setup: EFFICIENTAI_CUDA=${EFFICIENTAI_CUDA} (expected 1 or 0)" >&2; exit 2 ;;
+  esac
+else WHY="--$BACKEND"; fi
+SYNC="sync --frozen --quiet"
+if [ "$(uname -s)" = Darwin ]; then
+  if [ "$BACKEND" = cuda ]; then
+    echo "setup: CUDA is for Linux with an NVIDIA GPU; macOS uses Metal (leave out --cuda)" >&2; exit 2
+  fi
+  BACKEND=metal WHY="macOS"
+elif [ "$BACKEND" = cuda ]; then SYNC="$SYNC --extra cuda --no-group cpu"; fi
+echo "== MLX backend: $BACKEND ($WHY)"
+if [ "$DRY_RUN" = 1 ]; then echo "would run: uv $SYNC"; exit 0; fi
 
 # System packages the toolkit uses on Debian/Ubuntu: an optimised BLAS that MLX can bind to, a C compiler for the
 # quantization chapter's CPU kernels (the server image has one too), and the zoo's
@@ -36,7 +70,7 @@ else
 fi
 
 echo "== syncing the locked environment (.venv)"
-$UV sync --frozen --quiet
+$UV $SYNC
 
 echo "== registering the Jupyter kernel"
 .venv/bin/efficientai kernel install >/dev/null
