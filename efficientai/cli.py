@@ -6,7 +6,7 @@ Docs: https://efficientai.github.io/efficientai/00_foundation/cli.html.md"""
 
 # %% ../nbs/00_foundation/07_cli.ipynb #da08cd29
 from __future__ import annotations
-import argparse, contextlib, json, logging, sys
+import argparse, contextlib, json, logging, re, sys, traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,10 +14,10 @@ from typing import Callable
 from .errors import ToolkitError, ConfigError
 
 # %% auto #0
-__all__ = ['COMMANDS', 'log', 'CHAPTER_CLIS', 'command', 'OutputDefault', 'resolve_output_defaults', 'free_port',
-           'exit_on_sigterm', 'info', 'bench_matmul', 'bench_notebook', 'config_show', 'kernel_install', 'docs_build',
-           'docs_readme', 'notebooks_run', 'notebooks_slowest', 'add_run_config', 'run_config_values', 'parse_args',
-           'apply_settings', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'positive_int', 'nonnegative_int', 'log', 'CHAPTER_CLIS', 'command', 'OutputDefault',
+           'resolve_output_defaults', 'free_port', 'exit_on_sigterm', 'info', 'bench_matmul', 'bench_notebook',
+           'config_show', 'kernel_install', 'docs_build', 'docs_readme', 'notebooks_run', 'notebooks_slowest',
+           'add_run_config', 'run_config_values', 'parse_args', 'apply_settings', 'build_parser', 'main']
 
 # %% ../nbs/00_foundation/07_cli.ipynb #4f12547d
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
@@ -37,6 +37,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", dest="settings_file", type=Path,
                    help="config file (YAML/TOML/JSON/INI); default: settings.ini found upwards")
     p.add_argument("--profile", dest="settings_profile", help="config profile, e.g. ci")
+
+def _int_at_least(low: int, name: str) -> Callable[[str], int]:
+    def conv(text: str) -> int:
+        try: n = int(text)
+        except ValueError: raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if n < low: raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
+        return n
+    conv.__name__ = name
+    return conv
+
+positive_int = _int_at_least(1, "positive_int")         # argparse `type=` for sizes and counts
+nonnegative_int = _int_at_least(0, "nonnegative_int")   # ... where 0 means "none" or "skip"
+
 
 # %% ../nbs/00_foundation/07_cli.ipynb #0d1f0a02
 @dataclass(frozen=True)
@@ -74,7 +87,7 @@ def exit_on_sigterm():
 @command("info")
 def _info_cmd(sub):
     p = sub.add_parser("info", help="platform, MLX backend, BLAS and live matmul speed")
-    p.add_argument("--size", type=int, default=2048, help="matmul size for the live check (0 to skip)")
+    p.add_argument("--size", type=nonnegative_int, default=2048, help="matmul size for the live check (0 to skip)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=info)
 
@@ -106,7 +119,7 @@ def _bench_cmd(sub):
     bs = p.add_subparsers(dest="bench", required=True)
     m = bs.add_parser("matmul", help="numpy vs MLX via efficientai vs plain MLX")
     _common(m)
-    m.add_argument("--sizes", type=int, nargs="+", help="matrix sizes (default 256 1024 2048; quick: 256 1024)")
+    m.add_argument("--sizes", type=positive_int, nargs="+", help="matrix sizes (default 256 1024 2048; quick: 256 1024)")
     m.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"])
     m.add_argument("--out", type=Path, help="output folder (default: benchmark.output_dir)")
     m.add_argument("--no-plain", action="store_true", help="skip plain-MLX measurement in a subprocess")
@@ -186,6 +199,8 @@ def _kernel_cmd(sub):
 def kernel_install(args) -> int:
     from efficientai.backend import install_kernel
     from jupyter_core.paths import jupyter_data_dir
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", args.name):
+        raise ConfigError("not a kernel name", key="--name", expected="ASCII letters, digits and - . _", got=args.name)
     prefix = Path(jupyter_data_dir()).parent.parent if args.user else None
     d = install_kernel(args.name, prefix=prefix)
     print(f"installed kernel {args.name!r} in {d}")
@@ -210,6 +225,9 @@ def _docs_cmd(sub):
 
 def docs_build(args) -> int:
     from efficientai.docs import build_site, project_root
+    folders = sorted(p.name for p in (project_root() / "nbs").iterdir() if p.is_dir())
+    if unknown := [f for f in args.skip or () if f not in folders]:
+        raise ConfigError("no such folder under nbs/", key="--skip", expected=" | ".join(folders), got=unknown[0])
     if args.execute:
         from efficientai.notebooks import run_notebooks, course_notebooks
         nbs = project_root() / "nbs"
@@ -384,13 +402,34 @@ def build_parser() -> argparse.ArgumentParser:
     for add in COMMANDS.values(): add(sub)
     return p
 
+def _verbose(argv: list[str]) -> bool:
+    "Whether `-v`/`--verbose` comes before the subcommand, read from the words (parsing itself may fail)."
+    for a in argv:
+        if a in ("-v", "--verbose"): return True
+        if not a.startswith("-"): return False
+    return False
+
 def main(argv: list[str] | None = None) -> int:
-    "Run the `efficientai` command line."
+    "Run the `efficientai` command line: 0 on success, 2 on a `ToolkitError` or bad usage, 1 on anything unexpected."
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = _verbose(argv)
     try:
         args = parse_args(build_parser(), argv)
         project = apply_settings(_config(args), verbose=args.verbose)
         resolve_output_defaults(args, project.output_dir)
         return args.func(args) or 0
     except ToolkitError as e:
+        if verbose: traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if verbose: traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"error: unexpected {type(e).__name__}: {first[:300]}\n"
+              "  this is a bug or a case efficientai does not handle yet; run `efficientai -v "
+              f"{' '.join(argv[:2])} ...` to see the traceback", file=sys.stderr)
+        return 1
+

@@ -69,3 +69,12 @@ def full_disk_run(args, max_file_bytes: int):
 def digests(folder: Path) -> dict:
     return {f.relative_to(folder).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
             for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def pytest_terminal_summary(terminalreporter):
+    # The fuzz suite's count of cases per format (test_fuzz.py records them; xdist carries user_properties over).
+    lines = [v for r in terminalreporter.getreports("passed") + terminalreporter.getreports("failed")
+             for k, v in getattr(r, "user_properties", []) if k == "fuzz" and r.when == "call"]
+    if lines:
+        terminalreporter.write_sep("-", "fuzz cases per format")
+        for line in sorted(lines): terminalreporter.write_line(line)

@@ -320,6 +320,10 @@ class Federation:
             raise ConfigError("not a SuperLink address", key="superlink", expected="HOST:PORT", got=superlink)
         self._own_home = home is None
         self.home = Path(tempfile.mkdtemp(prefix="efficientai-flwr-") if home is None else home).resolve()
+        try: self.home.mkdir(parents=True, exist_ok=True)
+        except OSError as e:                      # a file in the way, a read-only disk: named before anything starts
+            raise ConfigError(f"cannot use it as FLWR_HOME: {e.strerror}", file=self.home, key="home",
+                              hint="pass a folder this user can write (or none: a temporary one)") from e
         self.port = int(superlink.rsplit(":", 1)[1]) if superlink else (port or free_port(host))
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.env = flower_env(self.home, threads or max(1, cpus // max(1, num_nodes)))
