@@ -13,7 +13,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['log', 'blas_status', 'ALLOCATOR_SETTINGS', 'allocator_status', 'find_fast_blas', 'BlasStatus', 'preload_fast_blas',
            'AllocatorStatus', 'tune_allocator', 'BackendInfo', 'mlx_backend', 'backend_info', 'use_device',
-           'seed_everything', 'matmul_gflops', 'plain_mlx_matmul_times', 'plain_mlx_matmul_gflops', 'install_kernel']
+           'seed_everything', 'matmul_gflops', 'live_matmul', 'plain_mlx_matmul_times', 'plain_mlx_matmul_gflops',
+           'install_kernel']
 
 # %% ../nbs/00_foundation/01_backend.ipynb #b16f1bcc
 log = logging.getLogger("efficientai.backend")
@@ -210,7 +211,7 @@ def seed_everything(seed: int) -> int:
 # %% ../nbs/00_foundation/01_backend.ipynb #1fb1f9ea
 def matmul_gflops(n: int = 2048, dtype: str = "float32", lib: str = "mlx", repeats: int = 5, warmup: int = 1,
                   settle_s: float = 0.25) -> float:
-    "Median GFLOP/s of an n×n @ n×n matmul in `lib` ('mlx' or 'numpy') and `dtype`."
+    "Median GFLOP/s of an n×n @ n×n matmul in `lib` ('mlx', 'numpy' or 'torch', on its GPU if it has one) and `dtype`."
     if lib == "numpy":
         import numpy as np
         rng = np.random.default_rng(0)
@@ -221,13 +222,42 @@ def matmul_gflops(n: int = 2048, dtype: str = "float32", lib: str = "mlx", repea
         a, b = (mx.random.normal((n, n)).astype(getattr(mx, dtype)) for _ in range(2))
         mx.eval(a, b)
         run = lambda: mx.eval(a @ b)
-    else: raise ValueError(f"lib must be 'mlx' or 'numpy', not {lib!r}")
+    elif lib == "torch":
+        import torch
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        a, b = (torch.randn(n, n, device=dev).to(getattr(torch, dtype)) for _ in range(2))
+        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+        run = lambda: (a @ b, sync())
+    else: raise ValueError(f"lib must be 'mlx', 'numpy' or 'torch', not {lib!r}")
     time.sleep(settle_s)  # numpy and MLX have separate BLAS thread pools: let the other one's threads stop spinning
     for _ in range(warmup): run()
     times = []
     for _ in range(repeats):
         t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
     return 2 * n**3 / statistics.median(times) / 1e9
+
+# %% ../nbs/00_foundation/01_backend.ipynb #6a5944ec
+def _torch_gpu() -> bool:
+    "PyTorch is installed and sees a CUDA GPU (imported only to ask)."
+    import importlib.util
+    if importlib.util.find_spec("torch") is None: return False
+    import torch
+    return torch.cuda.is_available()
+
+def live_matmul(n: int | None = None, repeats: int = 3) -> list[dict]:
+    """The live matmul check of `efficientai info`: on the CPU, MLX against numpy in float32 (is the fast BLAS in?);
+    on a GPU, MLX against PyTorch on the same card (when torch with CUDA is installed) in bfloat16 and float32."""
+    gpu = mlx_backend() != "cpu"
+    n = n or (8192 if gpu else 2048)                 # a GPU needs a big product to reach its peak
+    peer = ("torch" if _torch_gpu() else None) if gpu else "numpy"
+    rows = []
+    for dtype in (("bfloat16", "float32") if gpu else ("float32",)):
+        row = {"n": n, "dtype": dtype, "mlx_gflops": matmul_gflops(n, dtype, repeats=repeats, warmup=2)}
+        if peer:
+            theirs = matmul_gflops(n, dtype, lib=peer, repeats=repeats, warmup=2)
+            row |= {"peer": peer, f"{peer}_gflops": theirs, "ratio": row["mlx_gflops"] / theirs}
+        rows.append(row)
+    return rows
 
 # %% ../nbs/00_foundation/01_backend.ipynb #454da103
 _PLAIN_PROBE = """
