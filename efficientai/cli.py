@@ -121,7 +121,8 @@ def _bench_cmd(sub):
     bs = p.add_subparsers(dest="bench", required=True)
     m = bs.add_parser("matmul", help="numpy vs MLX via efficientai vs plain MLX")
     _common(m)
-    m.add_argument("--sizes", type=positive_int, nargs="+", help="matrix sizes (default 256 1024 2048; quick: 256 1024)")
+    m.add_argument("--sizes", type=positive_int, nargs="+",
+                   help="matrix sizes (default 256 1024 2048; quick: 256 1024)")
     m.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"])
     m.add_argument("--out", type=Path, help="output folder (default: benchmark.output_dir)")
     m.add_argument("--no-plain", action="store_true", help="skip plain-MLX measurement in a subprocess")

@@ -103,7 +103,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 def _swap_in(new: Path, path: Path, exchange: bool) -> None:
-    "Put folder `new` at `path`. An old `path` ends up at `new` (for the caller to delete), or, on failure, where it was."
+    "Put folder `new` at `path`; an old `path` ends up at `new` (for the caller to delete), or where it was on failure."
     if not os.path.lexists(path): os.replace(new, path); return
     if exchange and _exchange(new, path): return
     old = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.old")
