@@ -15,6 +15,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 from .errors import ConfigError, ModelLoadingError
+from .formats import read_safetensors
 from .io import atomic_dir, atomic_write_json
 
 # %% auto #0
@@ -51,11 +52,11 @@ def save_checkpoint(folder: Path | str, model: nn.Module, optimizer: optim.Optim
 
 # %% ../nbs/00_foundation/11_checkpoint.ipynb #724ef2e4
 def _read(path: Path) -> dict:
-    "A checkpoint's safetensors file, or a `ModelLoadingError` naming it."
-    try: return mx.load(str(path))
-    except (RuntimeError, ValueError, OSError) as e:
-        raise ModelLoadingError(f"unreadable checkpoint file: {e}", where=path,
-                                hint="delete the checkpoint folder to start over, or restore the file") from e
+    "A checkpoint's safetensors file, checked and read by `read_safetensors`, or a `ModelLoadingError` naming it."
+    try: return read_safetensors(path)
+    except ModelLoadingError as e:
+        raise ModelLoadingError(f"unreadable checkpoint file: {e.message}", where=path,
+                                hint="delete the checkpoint folder to start over, or restore the file") from None
 
 def read_checkpoint(folder: Path | str, fingerprint: dict,
                     hint: str = "use the same settings, or another checkpoint folder to start over") -> dict:

