@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
 LOGIT_ATOL = 2e-2      # logits of the tiny LMs are ~N(0, 1), |max| ~5; TF32 moves them by ~5e-3
 MARGIN = 5 * LOGIT_ATOL
 LOSS_RTOL = 2e-3
-UPDATE_RTOL = 0.15     # weight updates of a few Adam steps, relative norm (a 1.5x learning rate gives ~0.3)
+UPDATE_RTOL = 0.15     # weight updates of a few Adam steps, relative norm (a 1.5x learning rate gives 0.5-0.8)
 N_NEW = 6              # greedy tokens compared
 PROMPTS = ["def main():", "import os", "The list of files", "Return a new", "class Path", "for item in",
            "A string is", "The number of", "if value is None", "with open(path)", "# iterate over", "yield from"]
@@ -183,7 +183,21 @@ def test_lora_train_resume_and_generate(tiny_lm, lora_data, tmp_path):
 
 # -- (2) quantization ------------------------------------------------------------------------------------------------
 
-def test_quantize_decode_and_cpu_kernels_step_aside(tiny_lm, caplog):
+class _Said(logging.Handler):
+    "Collects the messages of one logger (the toolkit's logger may not propagate to pytest's caplog)."
+    def __init__(self, name: str):
+        super().__init__(logging.INFO)
+        self.logger, self.messages = logging.getLogger(name), []
+    def emit(self, record): self.messages.append(record.getMessage())
+    def __enter__(self):
+        self.level = self.logger.level
+        self.logger.addHandler(self); self.logger.setLevel(logging.INFO)
+        return self.messages
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self); self.logger.setLevel(self.level)
+
+
+def test_quantize_decode_and_cpu_kernels_step_aside(tiny_lm):
     "A q4 tiny LM decodes the same greedy tokens on the GPU as on the CPU; the quantized C kernels stay off the GPU."
     import mlx_lm
     from efficientai.quant import kernels
@@ -193,11 +207,10 @@ def test_quantize_decode_and_cpu_kernels_step_aside(tiny_lm, caplog):
     quantize(model, "q4g64")
     assert is_quantized(model)
     assert_greedy_agrees(model, tokenizer)
-    with on(GPU), caplog.at_level(logging.INFO, logger="efficientai.quant.kernels"):
+    with on(GPU), _Said("efficientai.quant.kernels") as said:
         swapped = kernels.accelerate(model, "auto")
         status = kernels.kernels_status() if hasattr(kernels, "kernels_status") else None
     kernels.restore(model)
-    said = [r.getMessage() for r in caplog.records if r.name == "efficientai.quant.kernels"]
     print(f"quantized CPU kernels on {GPU}: {swapped} layers swapped; status: {status}; log: {said}")
     if ON_GPU:
         assert swapped == 0, "the CPU's quantized kernels must not replace MLX's on a GPU"
