@@ -337,11 +337,15 @@ def _(folder: Path): _copy(DATA / "configs", folder, "lora.yaml")
 def _tiny_lm() -> Path:
     "A small mlx-lm llama folder written by the zoo's `save_tiny_lm` (cached for the session)."
     import tempfile
-    from efficientai.zoo.tiny import TinyLMConfig, build_tiny_lm, save_tiny_lm, tiny_tokenizer
+    from efficientai.zoo.tiny import build_tiny_lm, save_tiny_lm, tiny_tokenizer
     folder = Path(tempfile.mkdtemp(prefix="efficientai-fuzz-")) / "tiny-lm"
-    cfg = TinyLMConfig(vocab_size=320, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128)
-    return save_tiny_lm(build_tiny_lm(cfg), folder, tiny_tokenizer(320))
+    return save_tiny_lm(build_tiny_lm(_tiny_config()), folder, tiny_tokenizer(320))
+
+
+def _tiny_config():
+    from efficientai.zoo.tiny import TinyLMConfig
+    return TinyLMConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, intermediate_size=64, max_position_embeddings=128)
 
 
 @cache
@@ -374,6 +378,22 @@ def history_jsonl(folder: Path):
 def _(folder: Path):
     from efficientai.io import append_jsonl
     for i in range(4): append_jsonl(folder / "history.jsonl", {"name": "matmul", "median_s": 0.01 * i, "ok": True})
+
+
+@fmt("lora-adapters", ["adapter_config.json", "adapters.safetensors"], native=True)
+def lora_adapters(folder: Path):
+    from efficientai.lora.adapters import load_adapters
+    from efficientai.zoo.tiny import build_tiny_lm
+    load_adapters(build_tiny_lm(_tiny_config()), folder)
+
+
+@lora_adapters.seed
+def _(folder: Path):
+    from efficientai.lora.adapters import prepare_model, save_adapters
+    from efficientai.lora.config import config_from_dict
+    from efficientai.zoo.tiny import build_tiny_lm
+    cfg = config_from_dict({"num_layers": 1, "lora_parameters": {"rank": 4}, "fine_tune_type": "lora"})
+    save_adapters(prepare_model(build_tiny_lm(_tiny_config()), cfg), cfg, folder)
 
 
 # --- model configs the zoo's own loaders read ------------------------------------------------------------------
@@ -420,6 +440,22 @@ def caption_folder(folder: Path):
 
 @caption_folder.seed
 def _(folder: Path): _copy(DATA / "captions", folder, *sorted(p.name for p in (DATA / "captions").iterdir()))
+
+
+@fmt("caption-tsv", ["captions.tsv", "banana.png"], native=True)
+def caption_tsv(folder: Path):
+    from efficientai.zoo.captions import load_caption_folder
+    load_caption_folder(folder, size=16)
+
+
+@caption_tsv.seed
+def _(folder: Path):
+    rows = ["image\tcaption\tkeywords"]
+    for line in (DATA / "captions" / "captions.jsonl").read_text().splitlines()[:4]:
+        r = json.loads(line)
+        rows.append(f"{r['image']}\t{r['caption']}\t{'|'.join(r.get('keywords', []))}")
+        shutil.copyfile(DATA / "captions" / r["image"], folder / r["image"])
+    (folder / "captions.tsv").write_text("\n".join(rows) + "\n")
 
 
 @fmt("image-dataset-npz", ["train.npz", "test.npz", "meta.json"], native=True)

@@ -21,7 +21,7 @@ from ..models import is_quantized
 
 # %% auto #0
 __all__ = ['ADAPTER_FILE', 'ADAPTER_CONFIG', 'target_keys', 'prepare_model', 'parameter_counts', 'trained_weights',
-           'save_adapters', 'quantize_like_training', 'load_adapters', 'fuse_model', 'fuse']
+           'save_adapters', 'read_adapter_config', 'quantize_like_training', 'load_adapters', 'fuse_model', 'fuse']
 
 # %% ../../nbs/10_lora/04_adapters.ipynb #b4367368
 def _layers(model: nn.Module) -> list:
@@ -89,10 +89,21 @@ def save_adapters(model: nn.Module, cfg: LoraConfig, folder: Path | str, extra: 
     atomic_write_json(folder / ADAPTER_CONFIG, {**adapter_config(cfg, n), **(extra or {})})
     return folder
 
+_REDO = "train the adapters again, or restore the adapter folder from a copy"
+
+def read_adapter_config(folder: Path | str) -> dict:
+    "`folder`'s `adapter_config.json`, parsed; one that is not a JSON object is a `ModelLoadingError` naming it."
+    f = Path(folder) / ADAPTER_CONFIG
+    try: cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e: raise ModelLoadingError(f"unreadable: {e}", where=f, hint=_REDO) from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadingError(f"must hold a JSON object, not {type(cfg).__name__}", where=f, hint=_REDO)
+    return cfg
+
 def quantize_like_training(model: nn.Module, folder: Path | str) -> dict | None:
     """QLoRA adapters trained on a base that `prepare_model` quantized on the fly need that same quantized base:
     quantize a float `model` as the run did. Returns the `quantization` config it applied (None if nothing to do)."""
-    cfg = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
+    cfg = read_adapter_config(folder)
     if cfg.get("efficientai_method") != "qlora" or is_quantized(model): return None
     q = {"group_size": cfg.get("quantize_group_size", 64), "bits": cfg.get("quantize_bits", 4)}
     nn.quantize(model, **q)
@@ -104,10 +115,15 @@ def load_adapters(model: nn.Module, folder: Path | str) -> nn.Module:
     for f in (ADAPTER_FILE, ADAPTER_CONFIG):
         if not (folder / f).is_file():
             raise ModelLoadingError(f"missing {f}", where=folder, hint="point at a folder written by `efficientai lora train` or `mlx_lm.lora`")
-    quantize_like_training(model, folder)
-    try: return _mlx_load_adapters(model, str(folder))
-    except (ValueError, KeyError, json.JSONDecodeError) as e:
-        raise ModelLoadingError(f"adapters do not fit this model: {e}", where=folder, hint="use the base model they were trained on") from None
+    read_adapter_config(folder)
+    try:
+        quantize_like_training(model, folder)
+        return _mlx_load_adapters(model, str(folder))
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        # mlx-lm builds the layers from the config's fields and MLX reads the safetensors: a wrong field or a damaged
+        # file surfaces as one of these
+        raise ModelLoadingError(f"adapters do not fit this model, or the folder is damaged: {type(e).__name__}: {e}",
+                                where=folder, hint=f"use the base model they were trained on; else {_REDO}") from None
 
 # %% ../../nbs/10_lora/04_adapters.ipynb #11d14fd5
 def fuse_model(model: nn.Module, dequantize: bool = False) -> nn.Module:
