@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 
 from ..errors import ConfigError, ModelLoadingError
+from ..formats import read_safetensors
 from ..config import load_dataclass
 from ..io import atomic_write_json, sha256_file
 from ..zoo.minilm import load_encoder, mean_pool, l2_normalize
@@ -307,9 +308,9 @@ def load_clip(folder: Path | str, *, check_towers: bool = True) -> CLIP:
                                         f"(sha256 {str(now.get('sha256'))[:12]}…)", where=folder / CLIP_CONFIG,
                                         hint="restore the original tower, or pass check_towers=False to load anyway")
     path = folder / CLIP_WEIGHTS
-    try: saved = mx.load(str(path))
-    except (RuntimeError, ValueError, OSError) as e:
-        raise ModelLoadingError(f"{CLIP_WEIGHTS} is missing, truncated or corrupt ({e})", where=path) from None
+    try: saved = read_safetensors(path)
+    except ModelLoadingError as e:
+        raise ModelLoadingError(f"{CLIP_WEIGHTS} is missing, truncated or corrupt ({e.message})", where=path) from None
     expected = dict(tree_flatten(model.parameters()))
     for k, v in saved.items():
         if k not in expected: raise ModelLoadingError(f"unexpected tensor {k}", where=path,

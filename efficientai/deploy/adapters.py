@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import ConfigError, ModelLoadingError
+from ..formats import read_safetensors
 
 # %% auto #0
 __all__ = ['ADAPTER_NAME', 'Adapter', 'check_name', 'read_adapter', 'save_random_adapter', 'MultiLoRALinear', 'AdapterSet',
@@ -62,8 +63,8 @@ def read_adapter(folder: Path | str, name: str | None = None) -> Adapter:
         raise ModelLoadingError(f"a {kind!r} adapter cannot be applied per request", where=cfg_path,
                                 hint="fuse it into its own model (`efficientai lora fuse`) and serve that")
     scale = float(cfg.get("lora_parameters", {}).get("scale", 20.0))
-    try: weights = mx.load(str(w_path))
-    except Exception as e: raise ModelLoadingError(f"cannot read the weights: {e}", where=w_path) from None
+    try: weights = read_safetensors(w_path)
+    except ModelLoadingError as e: raise ModelLoadingError(f"cannot read the weights: {e.message}", where=w_path) from None
     layers = {}
     for key, a in weights.items():
         if not key.endswith(".lora_a"): continue

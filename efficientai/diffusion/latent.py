@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 
 from ..config import load_dataclass
 from ..errors import ConfigError, DataError, ModelLoadingError
+from ..formats import read_safetensors
 from ..io import atomic_file, atomic_write_json, sha256_file
 from ..compress.train import FitResult, fit
 from .train import DiffusionConfig, diffusion_batches, diffusion_loss, generate, to_uint8
@@ -252,9 +253,9 @@ def load_latent_diffusion(folder: Path | str) -> tuple[Autoencoder, UNet, Diffus
         f = folder / f"{name}.safetensors"
         if (meta.get("sha256") or {}).get(name) and sha256_file(f) != meta["sha256"][name]:
             raise ModelLoadingError("the weights are not the ones config.json was written with (checksum differs)", where=f)
-        try: m.load_weights(str(f), strict=True)
-        except (RuntimeError, ValueError, OSError) as e:
-            raise ModelLoadingError(f"weights don't load: {e}", where=f) from None
+        try: m.load_weights(list(read_safetensors(f).items()), strict=True)
+        except (ModelLoadingError, RuntimeError, ValueError, OSError) as e:
+            raise ModelLoadingError(f"weights don't load: {getattr(e, 'message', e)}", where=f) from None
         m.eval()
     return ae, model, DiffusionConfig.from_dict(meta["diffusion"], file=cfg_file), float(meta["latent_scale"]), meta
 

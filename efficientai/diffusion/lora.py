@@ -20,6 +20,7 @@ from mlx_lm.tuner.lora import LoRALinear
 
 from ..config import load_dataclass
 from ..errors import ConfigError, DataError, ModelLoadingError
+from ..formats import read_safetensors
 from ..io import atomic_file, atomic_write_json
 from ..compress.train import FitResult, fit
 from ..lora.adapters import ADAPTER_CONFIG, ADAPTER_FILE
@@ -142,9 +143,9 @@ def load_style_adapters(model: UNet, folder: Path | str, strength: float = 1.0) 
     if not isinstance(lp, dict) or not {"rank", "scale", "keys"} <= set(lp):
         raise ModelLoadingError("adapter_config.json needs lora_parameters with rank, scale and keys", where=folder / ADAPTER_CONFIG)
     apply_lora(model, int(lp["rank"]), float(lp["scale"]), lp["keys"])
-    try: weights = mx.load(str(folder / ADAPTER_FILE))
-    except (RuntimeError, ValueError, OSError) as e:
-        raise ModelLoadingError(f"adapters.safetensors does not load: {e}", where=folder / ADAPTER_FILE) from None
+    try: weights = read_safetensors(folder / ADAPTER_FILE)
+    except ModelLoadingError as e:
+        raise ModelLoadingError(f"adapters.safetensors does not load: {e.message}", where=folder / ADAPTER_FILE) from None
     own = dict(tree_flatten(model.trainable_parameters()))
     wrong = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
     if wrong or set(own) - set(weights):

