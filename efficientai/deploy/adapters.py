@@ -64,7 +64,8 @@ def read_adapter(folder: Path | str, name: str | None = None) -> Adapter:
                                 hint="fuse it into its own model (`efficientai lora fuse`) and serve that")
     scale = float(cfg.get("lora_parameters", {}).get("scale", 20.0))
     try: weights = read_safetensors(w_path)
-    except ModelLoadingError as e: raise ModelLoadingError(f"cannot read the weights: {e.message}", where=w_path) from None
+    except ModelLoadingError as e:
+        raise ModelLoadingError(f"cannot read the weights: {e.message}", where=w_path) from None
     layers = {}
     for key, a in weights.items():
         if not key.endswith(".lora_a"): continue

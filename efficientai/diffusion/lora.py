@@ -145,7 +145,8 @@ def load_style_adapters(model: UNet, folder: Path | str, strength: float = 1.0) 
     apply_lora(model, int(lp["rank"]), float(lp["scale"]), lp["keys"])
     try: weights = read_safetensors(folder / ADAPTER_FILE)
     except ModelLoadingError as e:
-        raise ModelLoadingError(f"adapters.safetensors does not load: {e.message}", where=folder / ADAPTER_FILE) from None
+        raise ModelLoadingError(f"adapters.safetensors does not load: {e.message}",
+                                where=folder / ADAPTER_FILE) from None
     own = dict(tree_flatten(model.trainable_parameters()))
     wrong = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
     if wrong or set(own) - set(weights):
