@@ -304,7 +304,7 @@ def _check_quantization(cfg: dict, file: Path) -> None:
 # %% ../nbs/00_foundation/12_formats.ipynb #dd729255
 # The toolkit's own folders: how to tell them, and the sections each needs (their loaders check the values)
 TOOLKIT_CONFIGS = {
-    "classifier": (lambda c: c.get("format") == "efficientai-classifier", ()),
+    "classifier": (lambda c: c.get("format") == "efficientai-classifier" or "efficientai_model" in c, ()),
     "clip": (lambda c: str(c.get("format", "")).startswith("efficientai-clip"), ("clip",)),
     "latent-diffusion": (lambda c: c.get("kind") == "latent-diffusion", ("autoencoder", "unet", "diffusion")),
     "diffusion": (lambda c: "unet" in c and "diffusion" in c, ("unet", "diffusion")),

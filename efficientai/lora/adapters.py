@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters as _mlx_load_adapters
 from ..errors import ConfigError, ModelLoadingError
+from ..formats import check_model_folder
 from ..io import atomic_dir, atomic_file, atomic_write_json
 from .config import LoraConfig, adapter_config
 from ..models import is_quantized
@@ -139,6 +140,7 @@ def fuse(model: str | Path, adapter_path: str | Path, out: str | Path, dequantiz
     from mlx_lm.utils import load as mlx_lm_load, save
     from efficientai.zoo.catalog import model_path
     src = model_path(model)
+    check_model_folder(src)
     base, tokenizer, config = mlx_lm_load(str(src), return_config=True)
     q = quantize_like_training(base, adapter_path)
     if q: config["quantization"] = q
