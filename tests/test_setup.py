@@ -1,9 +1,9 @@
 """The README's set-up on a stock system: the first `python3` on PATH is the system one, which refuses
 `pip install` (PEP 668, "externally managed" on Debian 12, Ubuntu 24.04 and Homebrew), and there is no uv."""
-import os, sysconfig, subprocess
+import json, os, subprocess, sys, sysconfig
 from pathlib import Path
 import pytest
-from conftest import ROOT, run
+from conftest import BIN, ROOT, run
 
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -79,3 +79,70 @@ def test_setup_picks_the_cuda_backend_by_flag_variable_or_nvidia_smi(tmp_path):
     assert plan("--cpu", smi=gpu)[1] == cpu_cmd
     bad = run(["bash", "scripts/setup.sh", "--dry-run", "--gpu"], check=False)
     assert bad.returncode == 2 and "unknown option --gpu" in bad.stderr
+
+
+# ---- the offline bundle (issue 19 item 4): wheels, the project, the zoo, an install.sh with the index disabled ----
+BUNDLE = ["bash", "scripts/offline-bundle.sh"]
+
+
+def test_offline_bundle_picks_the_wheels_of_the_target(tmp_path):
+    "The plan (`--list`) here and for a CUDA machine with CPython 3.12: every locked package, one wheel each."
+    here = run([*BUNDLE, str(tmp_path / "b"), "--list"]).stdout.splitlines()
+    names = {l.split("-")[0].lower() for l in here}
+    locked = {n.replace("-", "_").lower() for n in _locked()} | {"uv"}
+    assert len(here) == len(names) and names <= locked and {"mlx", "mlx_cpu", "mlx_lm", "numpy", "uv"} <= names
+    gpu = run([*BUNDLE, str(tmp_path / "b"), "--list", "--cuda", "--python", "3.12",
+               "--platform", "manylinux_2_35_x86_64"]).stdout
+    wheels = [l.split("\t")[0] for l in gpu.splitlines()]
+    assert "mlx-0.32.4-cp312-cp312-manylinux_2_35_x86_64.whl" in wheels
+    assert "mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl" in wheels
+    assert not any(w.startswith("mlx_cpu") for w in wheels) and any(w.startswith("nvidia_cudnn_cu13") for w in wheels)
+    assert all("-cp311-cp311-" not in w and "macosx" not in w and "win" not in w.split("-")[-1] for w in wheels)
+    mac = run([*BUNDLE, str(tmp_path / "b"), "--list", "--cuda", "--platform", "macosx_14_0_arm64"], check=False)
+    assert mac.returncode == 1 and "--cuda needs a Linux target" in mac.stderr
+    assert not (tmp_path / "b").exists()                             # --list writes nothing
+
+
+def _no_network() -> list[str]:
+    "A command prefix that runs without any network (a fresh network namespace), or [] where unshare can't."
+    for prefix in (["unshare", "-n"], ["unshare", "-rn"]):
+        if subprocess.run([*prefix, "true"], capture_output=True).returncode == 0: return prefix
+    return []
+
+
+# CI installs a bounded bundle: the packages `import efficientai` and `efficientai info` load, with everything they
+# need by the lock (6 wheels), uv's own wheel, the project's wheel and a zoo entry. EFFICIENTAI_BUNDLE_TEST=full
+# bundles and installs the whole locked environment instead (~1.5 GB; about 90 s here).
+_FULL = os.environ.get("EFFICIENTAI_BUNDLE_TEST") == "full"
+_ROOTS = "mlx,mlx-cpu,numpy,pyyaml,psutil,tqdm"
+
+
+def test_offline_bundle_installs_with_no_index_and_no_network(tmp_path):
+    from efficientai.zoo.cache import ZooEntry, fetch_entry
+    src_cache, dst_cache = tmp_path / "zoo-here", tmp_path / "zoo-there"
+    def build(folder: Path) -> None: (folder / "numbers.txt").write_text("1 2 3\n")
+    fetch_entry(ZooEntry("numbers", "dataset", "CC0", "this test", "three numbers", build), root=src_cache)
+    out = tmp_path / "bundle"
+    args = [*BUNDLE, str(out), "--offline", "--no-compress"] + ([] if _FULL else ["--only", _ROOTS])
+    made = run(args, env={"EFFICIENTAI_CACHE": str(src_cache)}, timeout=900)   # from uv's cache: no download
+    assert "zoo: numbers" in made.stdout
+    info = json.loads((out / "bundle.json").read_text())
+    assert {w["from"] for w in info["wheels"].values()} == {"uv-cache"} and set(info["zoo"]) == {"numbers"}
+    assert (out / "zoo" / "datasets" / "numbers" / "zoo.json").exists()
+    assert (out / "wheels" / info["project_wheel"]).exists()
+
+    # The other machine: no network at all where unshare can make that so, no uv on PATH (install.sh takes the one in
+    # the bundle), a fresh uv cache, the index disabled by install.sh itself; the same Python version.
+    env = {"PATH": SYSTEM_PATH, "HOME": str(tmp_path / "home"), "EFFICIENTAI_CACHE": str(dst_cache),
+           "UV_CACHE_DIR": str(tmp_path / "uv-cache"), "UV_LINK_MODE": "hardlink",
+           "PYTHON": str(Path(sys.executable).resolve()), "LANG": "C.UTF-8"}
+    if not (prefix := _no_network()):
+        env.update(http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", ALL_PROXY="http://127.0.0.1:9")
+    venv = tmp_path / "there" / ".venv"
+    p = run([*prefix, "bash", str(out / "install.sh"), str(venv)], env=env, cwd=tmp_path, timeout=900)
+    assert "backend CPU" in p.stdout and "MLX       0.32.4" in p.stdout      # `efficientai info` from the new venv
+    check = ("import efficientai, mlx.core as mx; from efficientai.zoo.cache import verify_entry, cache_root; "
+             "print(efficientai.__file__, mx.array([1, 2]).sum().item(), "
+             "verify_entry(cache_root() / 'datasets/numbers', full=True))")
+    got = run([*prefix, str(venv / "bin" / "python"), "-c", check], env=env, cwd=tmp_path).stdout.split()
+    assert got[0].startswith(str(venv)) and got[1:] == ["3", "[]"]            # installed there, not this checkout
