@@ -388,12 +388,22 @@ def lora_adapters(folder: Path):
 
 
 @lora_adapters.seed
-def _(folder: Path):
+def _lora_adapters_seed(folder: Path):
     from efficientai.lora.adapters import prepare_model, save_adapters
     from efficientai.lora.config import config_from_dict
     from efficientai.zoo.tiny import build_tiny_lm
     cfg = config_from_dict({"num_layers": 1, "lora_parameters": {"rank": 4}, "fine_tune_type": "lora"})
     save_adapters(prepare_model(build_tiny_lm(_tiny_config()), cfg), cfg, folder)
+
+
+@fmt("served-adapter", ["adapter_config.json", "adapters.safetensors"], native=True)
+def served_adapter(folder: Path):
+    from efficientai.deploy.adapters import read_adapter
+    read_adapter(folder, "fuzz")
+
+
+@served_adapter.seed
+def _(folder: Path): _lora_adapters_seed(folder)
 
 
 # --- model configs the zoo's own loaders read ------------------------------------------------------------------

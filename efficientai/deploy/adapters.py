@@ -56,13 +56,21 @@ def read_adapter(folder: Path | str, name: str | None = None) -> Adapter:
         if not p.is_file():
             raise ModelLoadingError(f"missing {p.name}", where=folder,
                                     hint="point at a folder written by `efficientai lora train` or `mlx_lm.lora`")
-    try: cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e: raise ModelLoadingError(f"not JSON: {e}", where=cfg_path) from None
+    try: cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadingError(f"not JSON: {e}", where=cfg_path) from None
+    lp = cfg.get("lora_parameters", {}) if isinstance(cfg, dict) else None
+    if not isinstance(lp, dict):
+        raise ModelLoadingError("needs a JSON object with a 'lora_parameters' object", where=cfg_path,
+                                hint="train the adapter again, or restore its adapter_config.json")
     kind = cfg.get("fine_tune_type", "lora")
     if kind not in ("lora", "qlora"):
         raise ModelLoadingError(f"a {kind!r} adapter cannot be applied per request", where=cfg_path,
                                 hint="fuse it into its own model (`efficientai lora fuse`) and serve that")
-    scale = float(cfg.get("lora_parameters", {}).get("scale", 20.0))
+    scale = lp.get("scale", 20.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ModelLoadingError(f"lora_parameters.scale must be a number, got {scale!r}", where=cfg_path)
+    scale = float(scale)
     try: weights = read_safetensors(w_path)
     except ModelLoadingError as e:
         raise ModelLoadingError(f"cannot read the weights: {e.message}", where=w_path) from None
