@@ -8,7 +8,7 @@ Docs: https://efficientai.github.io/efficientai/00_foundation/formats.html.md"""
 # %% ../nbs/00_foundation/12_formats.ipynb #af895e44
 from __future__ import annotations
 import efficientai  # first: loads the fast BLAS before mlx starts (see 00_foundation/01_backend)
-import json, math, mmap, struct, typing
+import json, math, mmap, struct, types, typing
 from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from .errors import ModelLoadingError
@@ -233,7 +233,7 @@ def _read_json_file(file: Path, hint: str | None = None):
 
 def _type_name(t) -> str:
     origin, args = typing.get_origin(t), typing.get_args(t)
-    if origin is typing.Union: return " or ".join(_type_name(a) for a in args)
+    if origin in (typing.Union, types.UnionType): return " or ".join(_type_name(a) for a in args)
     if t is type(None): return "null"
     if origin in (list, tuple) or t in (list, tuple): return "a list" + (f" of {_type_name(args[0])}" if args else "")
     if origin is dict or t is dict: return "an object"
@@ -245,7 +245,7 @@ def _fits(v, t) -> bool:
     "Whether JSON value `v` can stand for annotation `t` (unknown annotations pass; containers are checked shallowly)."
     origin, args = typing.get_origin(t), typing.get_args(t)
     if t is None or t is typing.Any: return True
-    if origin is typing.Union: return any(_fits(v, a) for a in args)
+    if origin in (typing.Union, types.UnionType): return any(_fits(v, a) for a in args)
     if t is type(None): return v is None
     if t is bool: return isinstance(v, bool)
     if t is int: return _is_int(v)
