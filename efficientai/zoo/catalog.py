@@ -136,8 +136,8 @@ def load_model(name: str | Path, *, hub: bool = True, with_source: bool = False,
     path = Path(source.path) if source else model_path(name, hub=hub)
     check_model_folder(path)     # config, tokenizer and weights headers, before mlx-lm's native readers see them
     try: loaded = mlx_lm.load(str(path), **kw)
-    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
-        raise ModelLoadingError(f"mlx_lm cannot load this model: {e}", where=path,
+    except Exception as e:  # transformers/tokenizers raise TypeError, AttributeError, own types, (Rust) Exception
+        raise ModelLoadingError(f"mlx_lm cannot load this model: {type(e).__name__}: {e}", where=path,
                                 hint="for zoo models, rebuild it with `efficientai zoo fetch NAME --force`") from e
     return (*loaded, source) if with_source else loaded
 
