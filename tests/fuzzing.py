@@ -162,7 +162,8 @@ class Case:
     data: bytes         # the file's new content
 
 
-def cases(seed: Path, targets: list[str], count: int, rng: np.random.Generator) -> list[Case]:
+def cases(seed: Path, targets: list[str], count: int, rng: np.random.Generator, mutate: Callable | None = None
+          ) -> list[Case]:
     "`count` damaged variants of the `targets` files of folder `seed`, a quarter of them truncations."
     files = {t: (seed / t).read_bytes() for t in targets}
     out: list[Case] = []
@@ -175,7 +176,8 @@ def cases(seed: Path, targets: list[str], count: int, rng: np.random.Generator) 
     while len(out) < count:
         t = targets[int(rng.integers(len(targets)))]
         data, op = files[t], rng.random()
-        made = structural(data, Path(t).suffix.lower(), rng) if op < 0.4 else None
+        made = None
+        if op < 0.4: made = mutate(seed / t, rng) if mutate else structural(data, Path(t).suffix.lower(), rng)
         if made is None: made = flip_bits(data, rng) if op < 0.7 else overwrite(data, rng)
         what, new = made
         if new != data: out.append(Case(f"{t}: {what}", t, new))
@@ -257,15 +259,17 @@ class Format:
     native: bool = False                  # hands bytes to native code: run in a worker process
     allow: tuple = ()                     # further exceptions that are this reader's documented answer
     needs: str | None = None              # a module that must exist (a reader not written yet: skipped)
+    mutate: Callable | None = None        # structural damage of a binary file: (path, rng) -> (label, bytes)
 
 
 FORMATS: dict[str, Format] = {}
 
 
-def fmt(name: str, targets: list[str], *, native: bool = False, allow: tuple = (), needs: str | None = None):
+def fmt(name: str, targets: list[str], *, native: bool = False, allow: tuple = (), needs: str | None = None,
+        mutate: Callable | None = None):
     "Register reader `f(folder)` for format `name`; its seed writer is `f.seed`."
     def deco(reader):
-        FORMATS[name] = Format(name, None, targets, reader, native, allow, needs)
+        FORMATS[name] = Format(name, None, targets, reader, native, allow, needs, mutate)
         def attach(seed):
             FORMATS[name].seed = seed; return seed
         reader.seed = attach
@@ -338,7 +342,10 @@ def _tiny_lm() -> Path:
     "A small mlx-lm llama folder written by the zoo's `save_tiny_lm` (cached for the session)."
     import tempfile
     from efficientai.zoo.tiny import build_tiny_lm, save_tiny_lm, tiny_tokenizer
-    folder = Path(tempfile.mkdtemp(prefix="efficientai-fuzz-")) / "tiny-lm"
+    import atexit
+    tmp = Path(tempfile.mkdtemp(prefix="efficientai-fuzz-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    folder = tmp / "tiny-lm"
     return save_tiny_lm(build_tiny_lm(_tiny_config()), folder, tiny_tokenizer(320))
 
 
@@ -572,3 +579,64 @@ def model_folder(folder: Path):
 
 @model_folder.seed
 def _(folder: Path): _copy(_tiny_lm(), folder, *MODEL_FILES)
+
+
+def gguf_metadata(path: Path, rng: np.random.Generator) -> tuple[str, bytes]:
+    "A GGUF written again with one metadata key removed or its value replaced by one of another type."
+    import tempfile
+    import mlx.core as mx
+    arrays, meta = mx.load(str(path), return_metadata=True)
+    key = sorted(meta)[int(rng.integers(len(meta)))]
+    wrong = ["", "x", ["a", "b"], mx.array(-1, dtype=mx.int32), mx.array(2**32 - 1, dtype=mx.uint32), mx.array(0.5),
+             mx.array([1, 2, 3], dtype=mx.int32), mx.array(0, dtype=mx.uint32)]
+    if rng.random() < 0.3: del meta[key]; what = "removed"
+    else:
+        meta[key] = wrong[int(rng.integers(len(wrong)))]
+        what = f"= {meta[key].tolist() if isinstance(meta[key], mx.array) else meta[key]!r}"
+    with tempfile.TemporaryDirectory() as d:
+        mx.save_gguf(f"{d}/x.gguf", arrays, meta)
+        return f"metadata {key} {what}", Path(f"{d}/x.gguf").read_bytes()
+
+
+@fmt("gguf-convert", ["model.gguf"], native=True, needs="efficientai.formats", mutate=gguf_metadata)
+def gguf_convert(folder: Path):
+    "The GGUF converter: a damaged file must leave no output folder behind (a converted one is removed here)."
+    from efficientai.zoo.llm import convert_gguf
+    out = convert_gguf(folder / "model.gguf", folder / "out")
+    shutil.rmtree(out)
+
+
+@gguf_convert.seed
+def _(folder: Path):
+    "The tiny LM written as a llama GGUF the way llama.cpp lays it out (q/k rows permuted, BPE vocabulary in the metadata)."
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from efficientai.zoo.llm import _BLOCK_NAMES, permute_rows
+    from efficientai.zoo.tiny import build_tiny_lm
+    cfg = _tiny_config()
+    names = {v: k for k, v in _BLOCK_NAMES.items()}
+    top = {"model.embed_tokens": "token_embd", "model.norm": "output_norm"}
+    arrays = {}
+    for k, v in tree_flatten(build_tiny_lm(cfg).parameters()):
+        base = k.rpartition(".")[0]
+        if base in top: arrays[f"{top[base]}.weight"] = v; continue
+        _, _, i, rest = base.split(".", 3)
+        part = names[rest]
+        heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(part)
+        arrays[f"blk.{i}.{part}.weight"] = permute_rows(v, heads) if heads else v
+    tok = json.loads((_tiny_lm() / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    u32 = lambda v: mx.array(v, dtype=mx.uint32)
+    meta = {"general.architecture": "llama", "general.name": "tiny", "llama.block_count": u32(cfg.num_hidden_layers),
+            "llama.embedding_length": u32(cfg.hidden_size), "llama.feed_forward_length": u32(cfg.intermediate_size),
+            "llama.attention.head_count": u32(cfg.num_attention_heads),
+            "llama.attention.head_count_kv": u32(cfg.num_key_value_heads),
+            "llama.attention.layer_norm_rms_epsilon": mx.array(cfg.rms_norm_eps),
+            "llama.rope.freq_base": mx.array(cfg.rope_theta), "llama.context_length": u32(cfg.max_position_embeddings),
+            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.merges": [" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]],
+            "tokenizer.ggml.token_type": mx.array([3 if t.startswith("<|") else 1 for t in tokens], dtype=mx.int32),
+            "tokenizer.ggml.bos_token_id": u32(vocab["<|im_start|>"]), "tokenizer.ggml.eos_token_id": u32(vocab["<|endoftext|>"]),
+            "tokenizer.chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
+    mx.save_gguf(str(folder / "model.gguf"), arrays, meta)

@@ -21,7 +21,7 @@ def test_fuzz(name, tmp_path, record_property):
         kind, detail = run(seed)
         assert kind == "ok", f"{name}: the undamaged seed does not load: {detail}"   # the reader really reads it
         rng = np.random.default_rng(zlib.crc32(name.encode()))
-        todo = cases(seed, f.targets, CASES, rng)
+        todo = cases(seed, f.targets, CASES, rng, f.mutate)
         failures, counts = [], {"ok": 0, "toolkit": 0}
         for i, case in enumerate(todo):
             folder = tmp_path / f"case{i}"

@@ -60,24 +60,38 @@ def gguf_config(meta: dict, tensors: dict, path: Path | str = "<gguf>") -> dict:
         raise ModelLoadingError(f"unsupported GGUF architecture {arch!r} (general.architecture)", where=path,
                                 hint=f"this converter handles {', '.join(LLAMA_ARCHS)}; for other models use "
                                      "an mlx-community checkpoint or `mlx_lm.convert`")
-    def need(key):
-        if f"{arch}.{key}" not in meta:
+    def need(key, default=None):
+        if f"{arch}.{key}" not in meta and default is None:
             raise ModelLoadingError(f"GGUF metadata lacks {arch}.{key}", where=path, hint="the file is incomplete")
-        return meta[f"{arch}.{key}"]
-    heads, layers, hidden = need("attention.head_count"), need("block_count"), need("embedding_length")
+        return meta.get(f"{arch}.{key}", default)
+    def positive(key, default=None, kind=int):
+        v = need(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int) or not v > 0:
+            raise ModelLoadingError(f"GGUF metadata {arch}.{key} must be a positive {kind.__name__}, got {v!r}",
+                                    where=path, hint="the file is damaged: download it again")
+        return v
+    heads, layers, hidden = positive("attention.head_count"), positive("block_count"), positive("embedding_length")
+    kv_heads = positive("attention.head_count_kv", heads)
+    if hidden % heads or heads % kv_heads or (hidden // heads) % 2:
+        raise ModelLoadingError(f"GGUF head counts don't fit: {hidden} wide, {heads} heads, {kv_heads} key/value heads",
+                                where=path, hint="the file is damaged: download it again")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not (isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)):
+        raise ModelLoadingError("GGUF metadata tokenizer.ggml.tokens must be a non-empty list of strings", where=path,
+                                hint="the file is damaged or has no vocabulary")
     for i in range(layers):
         for part in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
             if f"blk.{i}.{part}.weight" not in tensors:
                 raise ModelLoadingError(f"tensor blk.{i}.{part}.weight is missing", where=path,
                                         hint="the file is incomplete or not a llama model")
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+    vocab = positive("vocab_size", len(tokens))
     return {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": need("feed_forward_length"),
-        "num_attention_heads": heads, "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv", heads),
-        "head_dim": hidden // heads, "rms_norm_eps": _round32(need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": _round32(meta.get(f"{arch}.rope.freq_base", 10000.0)), "rope_traditional": False,
-        "max_position_embeddings": meta.get(f"{arch}.context_length", 2048), "vocab_size": vocab,
+        "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": positive("feed_forward_length"),
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads, "rms_norm_eps": _round32(positive("attention.layer_norm_rms_epsilon", kind=float)),
+        "rope_theta": _round32(positive("rope.freq_base", 10000.0, float)), "rope_traditional": False,
+        "max_position_embeddings": positive("context_length", 2048), "vocab_size": vocab,
         "tie_word_embeddings": "output.weight" not in tensors,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
@@ -141,9 +155,24 @@ def gguf_tokenizer(meta: dict, path: Path | str = "<gguf>"):
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise ModelLoadingError(f"unsupported GGUF tokenizer {meta.get('tokenizer.ggml.model')!r} "
                                 "(tokenizer.ggml.model)", where=path, hint="only byte-level BPE ('gpt2') is handled")
-    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or [1] * len(meta["tokenizer.ggml.tokens"])
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens or [])
+    bad = lambda what: ModelLoadingError(f"GGUF metadata {what}", where=path,
+                                         hint="the file is damaged: download it again")
+    if not (isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)):
+        raise bad("tokenizer.ggml.tokens must be a non-empty list of strings")
+    if not (isinstance(merges, list) and all(isinstance(m, str) and " " in m for m in merges)):
+        raise bad("tokenizer.ggml.merges must be a list of 'left right' strings")
+    if not (isinstance(types, list) and len(types) == len(tokens)):
+        raise bad("tokenizer.ggml.token_type must list every token")
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
+        v = meta.get(f"tokenizer.ggml.{key}")
+        if v is not None and not (type(v) is int and 0 <= v < len(tokens)):
+            raise bad(f"tokenizer.ggml.{key} must be a token index below {len(tokens)}, got {v!r}")
+    merges = [tuple(m.split(" ", 1)) for m in merges]
+    try: tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    except Exception as e:  # the tokenizers library (Rust) raises a bare Exception
+        raise bad(f"does not make a BPE tokenizer: {e}") from None
     split = [pre_tokenizers.Digits(individual_digits=True)] if meta.get("tokenizer.ggml.pre") in ("smollm", "qwen2") else []
     tok.pre_tokenizer = pre_tokenizers.Sequence(split + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tok.decoder = decoders.ByteLevel()
