@@ -445,6 +445,23 @@ def bert_config(folder: Path):
 def _(folder: Path): (folder / "config.json").write_text(json.dumps(MINILM_CONFIG, indent=2))
 
 
+@fmt("clip-config", ["config.json"])
+def clip_config(folder: Path):
+    from efficientai.clip.model import read_clip_config
+    read_clip_config(folder)
+
+
+@clip_config.seed
+def _(folder: Path):
+    "config.json as `save_clip` writes it (the towers' sources recorded)."
+    from dataclasses import asdict
+    from efficientai.clip.model import CLIPConfig
+    sources = {"image": {"folder": "efficientnet-lite0", "sha256": "ab" * 32},
+               "text": {"folder": "all-minilm-l6-v2", "sha256": "cd" * 32}}
+    (folder / "config.json").write_text(json.dumps({"format": "efficientai-clip/1", "clip": asdict(CLIPConfig()),
+                                                    "sources": sources}, indent=1))
+
+
 # --- images and arrays: PNG caption folders, the zoo's npz datasets and caption sets -------------------------------
 CAPTION_FILES = ["captions.jsonl", "apple.png", "banana.png", "rocket.png"]
 

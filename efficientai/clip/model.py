@@ -288,11 +288,16 @@ def read_clip_config(folder: Path | str) -> tuple[CLIPConfig, dict]:
     path = Path(folder) / CLIP_CONFIG
     if not path.exists(): raise ModelLoadingError("not a CLIP model folder: no config.json", where=Path(folder),
                                                   hint="save one with save_clip or `efficientai clip train`")
-    try: raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e: raise ModelLoadingError(f"config.json is not valid JSON: {e}", where=path) from None
+    try: raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadingError(f"config.json is not valid JSON: {e}", where=path) from None
     if not isinstance(raw, dict) or "clip" not in raw:
         raise ModelLoadingError("config.json has no 'clip' section", where=path, hint="was it written by save_clip?")
-    return CLIPConfig.from_dict(raw["clip"], file=path), raw.get("sources", {})
+    sources = raw.get("sources", {})
+    if not (isinstance(sources, dict) and all(isinstance(v, dict) for v in sources.values())):
+        raise ModelLoadingError("config.json's 'sources' must map each tower to an object", where=path,
+                                hint="was it written by save_clip?")
+    return CLIPConfig.from_dict(raw["clip"], file=path), sources
 
 def load_clip(folder: Path | str, *, check_towers: bool = True) -> CLIP:
     "A model saved by `save_clip`: towers from their sources (same bytes, checked), trained tensors from the folder."
