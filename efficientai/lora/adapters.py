@@ -13,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters as _mlx_load_adapters
 from ..errors import ConfigError, ModelLoadingError
 from ..formats import check_model_folder
@@ -21,8 +22,26 @@ from .config import LoraConfig, adapter_config
 from ..models import is_quantized
 
 # %% auto #0
-__all__ = ['ADAPTER_FILE', 'ADAPTER_CONFIG', 'target_keys', 'prepare_model', 'parameter_counts', 'trained_weights',
-           'save_adapters', 'read_adapter_config', 'quantize_like_training', 'load_adapters', 'fuse_model', 'fuse']
+__all__ = ['ADAPTER_FILE', 'ADAPTER_CONFIG', 'MixedLoRALinear', 'compute_in_model_dtype', 'target_keys', 'prepare_model',
+           'parameter_counts', 'trained_weights', 'save_adapters', 'read_adapter_config', 'quantize_like_training',
+           'load_adapters', 'fuse_model', 'fuse']
+
+# %% ../../nbs/10_lora/04_adapters.ipynb #cbfff730
+class MixedLoRALinear(LoRALinear):
+    "mlx-lm's `LoRALinear` whose low-rank product runs in the input's dtype; `A` and `B` stay float32 master weights."
+    def __call__(self, x):
+        y = self.linear(x)
+        a, b = self.lora_a, self.lora_b
+        if a.dtype != x.dtype: a, b = a.astype(x.dtype), b.astype(x.dtype)   # tiny casts; gradients flow back in float32
+        z = (self.dropout(x) @ a) @ b
+        return y + (self.scale * z).astype(x.dtype)
+
+def compute_in_model_dtype(model: nn.Module) -> int:
+    "Make every plain `LoRALinear` of `model` a `MixedLoRALinear` (in place); returns how many."
+    n = 0
+    for _, m in model.named_modules():
+        if type(m) is LoRALinear: m.__class__ = MixedLoRALinear; n += 1
+    return n
 
 # %% ../../nbs/10_lora/04_adapters.ipynb #b4367368
 def _layers(model: nn.Module) -> list:
@@ -61,6 +80,7 @@ def prepare_model(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     else:
         linear_to_lora_layers(model, n, {"rank": lp.rank, "scale": lp.effective_scale, "dropout": lp.dropout, "keys": lp.keys},
                               use_dora=cfg.fine_tune_type == "dora")
+        compute_in_model_dtype(model)
     return model
 
 def _own_values(m: nn.Module) -> int:
