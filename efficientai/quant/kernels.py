@@ -20,24 +20,28 @@ import mlx.nn as nn
 from ..backend import blas_status, find_fast_blas
 from ..models import is_output_layer, on_cpu
 from ..errors import ConfigError, DependencyError
+from ..io import atomic_write
 from ..logging import get_logger
 
 log = get_logger("quant.kernels")
 
 # %% auto #0
 __all__ = ['log', 'KERNEL_SOURCE', 'CFLAGS', 'NO_VJP_ROWS', 'SIBLINGS', 'find_compiler', 'kernel_key', 'build_kernels', 'Kernels',
-           'load_kernels', 'prompt_path', 'quantized_matmul', 'dequantize', 'CpuQuantizedLinear',
+           'load_kernels', 'kernels_status', 'prompt_path', 'quantized_matmul', 'dequantize', 'CpuQuantizedLinear',
            'CpuQuantizedEmbedding', 'accelerate', 'restore', 'fast_quantized']
 
 # %% ../../nbs/20_quantization/05_kernels.ipynb #1bcce215
 KERNEL_SOURCE = Path(efficientai.__file__).parent / "quant" / "qkernels.c"
 
 # %% ../../nbs/20_quantization/05_kernels.ipynb #192d036b
-CFLAGS: tuple[str, ...] = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
+# this CPU's own instruction set: -march on x86, -mcpu on arm64 (where Apple's clang has no -march=native)
+_ARCH_FLAG = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
+CFLAGS: tuple[str, ...] = ("-O3", _ARCH_FLAG, "-shared", "-fPIC", "-pthread")
 
-def find_compiler() -> str | None:
-    "The C compiler to build with: `$CC` if set (None if it can't be found), else `cc`, `gcc` or `clang` on the PATH."
-    if os.environ.get("CC"): return shutil.which(os.environ["CC"])
+def find_compiler(compiler: str | None = None) -> str | None:
+    """The C compiler to build with: `compiler` if given, else `$CC` if set (None if it can't be found), else `cc`,
+    `gcc` or `clang` on the PATH."""
+    if compiler or os.environ.get("CC"): return shutil.which(compiler or os.environ["CC"])
     return next((p for c in ("cc", "gcc", "clang") if (p := shutil.which(c))), None)
 
 def _cpu_identity() -> str:
@@ -46,39 +50,67 @@ def _cpu_identity() -> str:
         return "\n".join(sorted({l for l in lines if l.startswith(("model name", "flags", "Features", "CPU part"))}))
     except OSError: return f"{platform.machine()} {platform.processor()}"
 
+_FIX = "install a C compiler (Debian/Ubuntu: `sudo apt-get install gcc`) or point $CC at one"
+
+def _compiler_version(cc: str) -> str:
+    try: r = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DependencyError(f"the C compiler does not run: {e}", where=cc, hint=_FIX) from e
+    return "".join(r.stdout.splitlines()[:1])
+
 def kernel_key(cc: str, source: Path = KERNEL_SOURCE, flags: tuple[str, ...] = CFLAGS) -> str:
     "What the compiled library depends on, hashed: source, flags, compiler and its version, CPU model and features."
-    ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout.splitlines()[:1]
     h = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(flags).encode(), cc.encode(), "".join(ver).encode(), _cpu_identity().encode()):
+    for part in (source.read_bytes(), " ".join(flags).encode(), cc.encode(), _compiler_version(cc).encode(),
+                 _cpu_identity().encode()):
         h.update(part); h.update(b"\0")
     return h.hexdigest()[:16]
 
-_FIX = "install a C compiler (Debian/Ubuntu: `sudo apt-get install gcc`) or point $CC at one"
+_FAILED_BUILDS: dict[tuple[Path, str], DependencyError] = {}   # (folder, kernel_key): why it failed, for this process
 
-def build_kernels(*, folder: Path | None = None, force: bool = False, flags: tuple[str, ...] = CFLAGS) -> Path:
-    """Compile `qkernels.c` for this machine into `folder` (default: `<zoo cache>/kernels`) unless it is there; its path.
-    `flags` are the compiler's (another `-march` builds for an older CPU: the tests use it to check the AVX2 paths)."""
-    cc = find_compiler()
-    if cc is None:
-        raise DependencyError("no C compiler found to build the quantized CPU kernels",
-                              where=os.environ.get("CC") or "cc/gcc/clang", hint=_FIX)
+def _kernels_folder(folder: Path | None) -> Path:
     if folder is None:
         from efficientai.zoo.cache import cache_root
         folder = cache_root() / "kernels"
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"qkernels-{kernel_key(cc, flags=flags)}.so"
+    return Path(folder)
+
+def build_kernels(*, folder: Path | None = None, force: bool = False, flags: tuple[str, ...] = CFLAGS,
+                  compiler: str | None = None) -> Path:
+    """Compile `qkernels.c` for this machine into `folder` (default: `<zoo cache>/kernels`) unless it is there; its
+    path. `flags` are the compiler's (another `-march` builds for an older CPU: the tests use it to check the AVX2
+    paths), `compiler` the compiler to use (default: `find_compiler()`). A build that failed is not tried again in this
+    process (the same `DependencyError` is raised at once) unless `force`; the compiler's message is also left beside
+    the library as `qkernels-<key>.failed`, for `kernels_status`, until a build succeeds."""
+    cc = find_compiler(compiler)
+    if cc is None:
+        raise DependencyError("no C compiler found to build the quantized CPU kernels",
+                              where=compiler or os.environ.get("CC") or "cc/gcc/clang", hint=_FIX)
+    folder, key = _kernels_folder(folder), kernel_key(cc, flags=flags)
+    target = folder / f"qkernels-{key}.so"
     if target.exists() and not force: return target
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".qkernels-", suffix=".so.part"); os.close(fd)
+    if (folder, key) in _FAILED_BUILDS and not force: raise _FAILED_BUILDS[folder, key]
     try:
-        r = subprocess.run([cc, *flags, "-o", tmp, str(KERNEL_SOURCE)], capture_output=True, text=True, timeout=600)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".qkernels-", suffix=".so.part"); os.close(fd)
+    except OSError as e:
+        raise DependencyError(f"can't write the compiled kernels: {e}", where=folder,
+                              hint="make the folder writable, or point $EFFICIENTAI_CACHE at one that is") from e
+    try:
+        cmd = [cc, *flags, "-o", tmp, str(KERNEL_SOURCE)]
+        try: r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as e: r = subprocess.CompletedProcess(cmd, 1, "", str(e))
         if r.returncode != 0:
-            raise DependencyError(f"compiling the quantized CPU kernels failed:\n{r.stderr.strip()[-3000:]}",
+            err = DependencyError(f"compiling the quantized CPU kernels with {cc} failed:\n{r.stderr.strip()[-3000:]}",
                                   where=KERNEL_SOURCE, hint=_FIX)
+            _FAILED_BUILDS[folder, key] = err
+            with contextlib.suppress(OSError): atomic_write(folder / f"qkernels-{key}.failed", str(err) + "\n")
+            raise err
         os.chmod(tmp, 0o755)
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+    _FAILED_BUILDS.pop((folder, key), None)
+    with contextlib.suppress(FileNotFoundError): (folder / f"qkernels-{key}.failed").unlink()
     log.info("built %s with %s", target, cc)
     return target
 
@@ -108,18 +140,64 @@ class _Stack:
     @property
     def n(self) -> int: return sum(p.n for p in self.parts)
     def __post_init__(self):
+        _check_stack(self.parts)          # the C kernels trust these shapes: check them before taking pointers
         k = len(self.parts)
         arr = lambda t, xs: (t * k)(*xs)
         self._keep = (arr(_P, [p.w.ctypes.data for p in self.parts]), arr(_P, [p.s.ctypes.data for p in self.parts]),
                       arr(_P, [p.b.ctypes.data for p in self.parts]), arr(_I, [p.n for p in self.parts]))
         self.ptrs = tuple(ctypes.cast(a, _P).value for a in self._keep)
 
+_MAX_PARTS = 16   # QK_MAX_SEG in qkernels.c
+
+def _described(a) -> str:
+    "An array's dtype and shape, for error messages."
+    if not isinstance(a, np.ndarray): return type(a).__name__
+    return f"{a.dtype} {a.shape}" + ("" if a.flags.c_contiguous else " non-contiguous")
+
+def _check_stack(parts: list) -> None:
+    "`ConfigError` unless every part's arrays have the shapes and dtypes its layout implies, and the parts one layout."
+    if not 1 <= len(parts) <= _MAX_PARTS:
+        raise ConfigError("a kernel call takes 1 to 16 matrices", key="parts", expected=f"1..{_MAX_PARTS}",
+                          got=len(parts))
+    p0 = parts[0]
+    for i, p in enumerate(parts):
+        if (p.k, p.bits, p.group_size) != (p0.k, p0.bits, p0.group_size):
+            raise ConfigError("matrices multiplied in one call must share the input size and layout", key=f"parts[{i}]",
+                              expected=f"K={p0.k}, {p0.bits}-bit, group {p0.group_size}",
+                              got=f"K={p.k}, {p.bits}-bit, group {p.group_size}")
+        groups = p.k // p.group_size if p.group_size > 0 and p.k % p.group_size == 0 else None
+        want = {"w": (np.uint32, (p.n, p.k * p.bits // 32)), "s": (np.float32, (p.n, groups)),
+                "b": (np.float32, (p.n, groups))}
+        for name, (dtype, shape) in want.items():
+            a = getattr(p, name)
+            if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.shape == shape and a.flags.c_contiguous):
+                raise ConfigError(f"parts[{i}].{name} does not match its {p.bits}-bit, group {p.group_size} layout",
+                                  key=f"parts[{i}].{name}", expected=f"C-contiguous {np.dtype(dtype).name} {shape}",
+                                  got=_described(a), hint="make the matrices with `_weights` (it checks MLX's arrays)")
+
+def _check_x(x: np.ndarray, k: int) -> None:
+    "`ConfigError` unless `x` is what the kernels read: a C-contiguous float32 (rows, k) numpy array."
+    ok = isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2 and x.shape[1] == k
+    if not (ok and x.flags.c_contiguous):
+        raise ConfigError("the kernels' input has the wrong shape or type", key="x",
+                          expected=f"C-contiguous float32 (M, {k})", got=_described(x),
+                          hint="quantized_matmul takes MLX arrays of any shape and dtype and converts them")
+
+def _usable_cpus() -> int:
+    "CPUs this process may run on (its affinity, where the OS has one: Linux), else all of them (macOS, Windows)."
+    if hasattr(os, "sched_getaffinity"):
+        with contextlib.suppress(OSError): return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
 class Kernels:
     "The compiled kernels (loaded with ctypes), their thread pool, and the path prompt-sized inputs take (`prompt`)."
     PROMPT_PATHS = ("int8", "float")
     def __init__(self, path: Path, threads: int | None = None, spin: int = 100):
         self.path = Path(path)
-        lib = self.lib = ctypes.CDLL(str(path))
+        try: lib = self.lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            raise DependencyError(f"can't load the compiled kernels: {e}", where=path,
+                                  hint="delete the file and build them again (load_kernels(rebuild=True))") from e
         lib.qk_init.argtypes = [_I, ctypes.c_long]
         lib.qk_set_sgemm.argtypes = [_P]
         lib.qk_supported.argtypes = [_I, _I, _I]
@@ -129,7 +207,7 @@ class Kernels:
         lib.qk_matmul_stacked.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _I, _I, _P, _P, _I]
         lib.qk_matmul_int8.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _I, _I, _P]
         lib.qk_int8_supported.argtypes = [_I, _I]
-        self.threads = lib.qk_init(threads or min(len(os.sched_getaffinity(0)), 16), spin)
+        self.threads = lib.qk_init(threads or min(_usable_cpus(), 16), spin)   # the first call starts the pool
         self.lanes = lib.qk_lanes()
         # MLX's own BLAS if efficientai preloaded it, else OpenBLAS loaded just for us (mlx was imported first)
         blas = blas_status.path if blas_status.fast and blas_status.path else find_fast_blas()
@@ -142,7 +220,7 @@ class Kernels:
         self.small_m = 16         # up to this many rows of x: fused GEMV (8 at a time); more: the `prompt` path
         self.block_bytes = 8 << 20  # float32 scratch per sgemm block: a stacked gate/up of a small model fits
         self._scratch, self._out = np.empty(0, np.float32), np.empty(0, np.float32)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()   # this object's buffers; the library's one pool has its own lock (in C)
 
     def __repr__(self) -> str:
         return (f"Kernels({self.path.name}, {self.threads} threads, {self.lanes}-lane vectors, prompts: {self.prompt}; "
@@ -181,8 +259,9 @@ class Kernels:
 
     def matmul(self, x: np.ndarray, stack: _Stack) -> list[mx.array]:
         "`x @ W.T` for float32 `x` (M, K), C-contiguous, and each matrix W of the stack: one (M, rows) MLX array each."
-        m, k = x.shape
         p0 = stack.parts[0]
+        _check_x(x, p0.k)
+        m, k = x.shape
         block = max(256, self.block_bytes // (4 * k))
         if m > self.small_m:
             int8 = self.prompt == "int8" and self.int8_supported(p0.bits, p0.group_size)
@@ -227,21 +306,43 @@ class Kernels:
         out = np.empty((stack.n, p0.k), np.float32)
         with self._lock:
             rc = self.lib.qk_dequantize(p0.k, len(stack.parts), *stack.ptrs, p0.bits, p0.group_size, out.ctypes.data)
-        if rc != 0: raise RuntimeError(f"qk_dequantize failed with code {rc}")
+        if rc != 0:
+            raise RuntimeError(f"qk_dequantize failed with code {rc} (K={p0.k}, bits={p0.bits}, group {p0.group_size})")
         return out
 
 _KERNELS: Kernels | None = None
 
 def load_kernels(*, rebuild: bool = False, threads: int | None = None) -> Kernels:
-    "The process's `Kernels`, built and loaded on first use (`DependencyError` if they can't be built)."
+    """The process's `Kernels`, built and loaded on first use (`DependencyError` if they can't be built; a failed build
+    is not retried in this process unless `rebuild`)."""
     global _KERNELS
     if _KERNELS is None or rebuild: _KERNELS = Kernels(build_kernels(force=rebuild), threads=threads)
     return _KERNELS
 
+def kernels_status() -> str:
+    """One line on the CPU kernels: loaded in this process, built, not built yet, or why they can't be (the compiler's
+    message of a failed build); and whether MLX computes on the CPU at all (elsewhere they are never used)."""
+    if _KERNELS is not None: return f"loaded: {_KERNELS!r}"
+    where = "" if on_cpu() else f"not used (MLX computes on {mx.default_device()}); "
+    cc = find_compiler()
+    if cc is None: return f"{where}no C compiler: {_FIX}"
+    try: key, folder = kernel_key(cc), _kernels_folder(None)
+    except DependencyError as e: return where + str(e).splitlines()[0]
+    marker = folder / f"qkernels-{key}.failed"
+    if (folder, key) in _FAILED_BUILDS or marker.exists():
+        why = str(_FAILED_BUILDS[folder, key]) if (folder, key) in _FAILED_BUILDS else marker.read_text()
+        first = next((l.strip() for l in why.splitlines()[1:] if "error" in l), why.splitlines()[0])
+        return f"{where}build with {cc} failed ({marker}): {first}"
+    if (folder / f"qkernels-{key}.so").exists(): return f"{where}built with {cc}: {folder / f'qkernels-{key}.so'}"
+    return f"{where}not built yet (built with {cc} on first use)"
+
 @contextlib.contextmanager
-def prompt_path(path: str) -> Iterator[Kernels]:
+def prompt_path(path: str) -> Iterator[Kernels | None]:
     """Run prompt-sized inputs on `path` (`Kernels.prompt`: "int8" or "float") inside the block; yields the kernels,
-    or None where they can't be built (then no layer runs on them, and there is nothing to switch)."""
+    or None where MLX doesn't compute on the CPU (no layer runs on the kernels there: nothing is built or loaded) or
+    where they can't be built (then no layer runs on them either, and there is nothing to switch)."""
+    if not on_cpu():
+        yield None; return
     try: k = load_kernels()
     except DependencyError:
         yield None; return
@@ -257,16 +358,26 @@ def _np_view(a: mx.array, dtype=None) -> np.ndarray:
     v = np.array(a, copy=False)
     return v if v.flags.c_contiguous else np.ascontiguousarray(v)
 
+_SCALE_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
 def _weights(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int, mode: str = "affine",
              kernels: Kernels | None = None, where: str = "weight") -> _Weights:
-    "Checked numpy views of one quantized matrix; `ConfigError` for a layout the kernels don't handle."
+    """Checked numpy views of one quantized matrix; `ConfigError` for a layout the kernels don't handle, or for scales
+    and biases whose shape or dtype doesn't match the weight's `bits` and `group_size` (the C code trusts them)."""
     kernels = kernels or load_kernels()
-    k = w.shape[-1] * 32 // bits if w.ndim == 2 else -1
+    k = w.shape[-1] * 32 // bits if w.ndim == 2 and bits in (2, 4, 8) else -1
     if mode != "affine" or biases is None or w.ndim != 2 or w.dtype != mx.uint32 or not kernels.supported(k, bits, group_size):
         raise ConfigError("the CPU kernels can't run this quantized layout", key=where,
-                          expected="affine codes of 2, 4 or 8 bits in groups that divide the input size",
-                          got=f"{mode}, {bits}-bit, group {group_size}, shape {tuple(w.shape)}",
+                          expected="affine uint32 codes of 2, 4 or 8 bits in groups that divide the input size",
+                          got=f"{mode}, {bits}-bit, group {group_size}, {w.dtype} shape {tuple(w.shape)}",
                           hint="use mx.quantized_matmul for it (accelerate() leaves such layers on MLX's own kernels)")
+    groups = (w.shape[0], k // group_size)
+    for name, a in (("scales", scales), ("biases", biases)):
+        if tuple(a.shape) != groups or a.dtype not in _SCALE_DTYPES:
+            raise ConfigError(f"{name} don't match the {bits}-bit weight in groups of {group_size}",
+                              key=f"{where}.{name}", got=f"shape {tuple(a.shape)}, {a.dtype}",
+                              expected=f"shape {groups} (rows, {k} inputs / {group_size}), float32/float16/bfloat16",
+                              hint="pass the group_size and bits the weight was quantized with (mx.quantize's)")
     return _Weights((w, scales, biases), _np_view(w), _np_view(scales, mx.float32), _np_view(biases, mx.float32),
                     w.shape[0], k, bits, group_size)
 

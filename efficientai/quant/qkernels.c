@@ -18,11 +18,14 @@
  *   us (cblas_sgemm), block after block, so the float32 copy stays in cache.
  *
  * Vectors are GCC/Clang vector extensions: with -march=native they compile to AVX-512 or AVX2 (or NEON on
- * arm64), no intrinsics needed. Build: cc -O3 -march=native -shared -fPIC -pthread.
+ * arm64), no intrinsics needed; the file builds with GCC and with Clang (Apple's included).
+ * Build: cc -O3 -march=native -shared -fPIC -pthread.
  *
  * Threads: a small pool of our own rather than OpenMP. Work is split into small items that threads claim
  * with an atomic counter, and the calling thread works too, so a worker that the OS has descheduled (busy
- * cores) delays nothing: the caller takes its share. Idle workers spin briefly, then sleep.
+ * cores) delays nothing: the caller takes its share. Idle workers spin briefly, then sleep. The pool is one per
+ * process (per loaded library) and runs one job at a time: every public entry point holds a mutex for its whole
+ * call, so callers on several threads (or several Python `Kernels` objects on one library) take turns.
  */
 #include <stdint.h>
 #include <string.h>
@@ -34,7 +37,7 @@
 #include <immintrin.h>
 #endif
 
-#define QK_VERSION 4
+#define QK_VERSION 5
 
 #if defined(__AVX512F__)
 #define VL 16
@@ -48,22 +51,23 @@ typedef uint8_t vb __attribute__((vector_size(VL)));
 /* cblas_sgemm(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc) */
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int,
                          float, float *, int);
-static sgemm_fn qk_sgemm = 0;
+static _Atomic(sgemm_fn) qk_sgemm; /* null until set by the caller (qk_set_sgemm), read by any thread */
 enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
 
 int qk_version(void) { return QK_VERSION; }
 int qk_lanes(void) { return VL; }
-void qk_set_sgemm(void *fn) { qk_sgemm = (sgemm_fn)fn; }
-int qk_has_sgemm(void) { return qk_sgemm != 0; }
+void qk_set_sgemm(void *fn) { atomic_store(&qk_sgemm, (sgemm_fn)fn); }
+int qk_has_sgemm(void) { return atomic_load(&qk_sgemm) != 0; }
 
 /* ---------------------------------------------------------------- thread pool */
 #define QK_MAX_THREADS 64
 typedef void (*task_fn)(void *ctx, int item);
 
 static struct {
-    pthread_mutex_t mu;
+    pthread_mutex_t mu; /* with cv: where idle workers sleep */
     pthread_cond_t cv;
-    int nthreads, started; /* nthreads includes the caller */
+    pthread_mutex_t call; /* held by each public entry point for its whole call: one job on the pool at a time */
+    _Atomic int nthreads, started; /* nthreads includes the caller */
     pthread_t th[QK_MAX_THREADS];
     /* One word says everything a claim needs: generation (16 bits) | number of items (24) | next item (24).
      * fn and ctx are written before the word is published and read only after a successful claim, when the
@@ -73,7 +77,8 @@ static struct {
     _Atomic(void *) ctx;
     _Atomic int done, nsleeping;
     _Atomic long spin;
-} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER, .nthreads = 1};
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER, .call = PTHREAD_MUTEX_INITIALIZER,
+          .nthreads = 1};
 
 #define T_GEN(t) ((uint32_t)((t) >> 48))
 #define T_N(t) ((int)(((t) >> 24) & 0xFFFFFF))
@@ -121,32 +126,51 @@ static void *worker(void *arg) {
     return 0;
 }
 
-static void after_fork_child(void) { pool.started = 0; pool.nthreads = 1; }
-
-/* Use n threads in all (the caller plus n-1 workers); spin: pause-loop iterations before an idle worker
- * sleeps. Call once, before any kernel; returns the number of threads. */
-int qk_init(int n, long spin) {
-    atomic_store(&pool.spin, spin);
-    if (pool.started) return pool.nthreads;
-    if (n < 1) n = 1;
-    if (n > QK_MAX_THREADS) n = QK_MAX_THREADS;
-    pool.started = 1;
-    pthread_atfork(0, 0, after_fork_child);
-    pool.nthreads = 1;
-    for (int i = 1; i < n; i++) {
-        if (pthread_create(&pool.th[i], 0, worker, 0) != 0) break;
-        pthread_detach(pool.th[i]);
-        pool.nthreads++;
-    }
-    return pool.nthreads;
+/* fork() while a kernel runs: the forking thread waits for the call to end (it takes the call mutex before the fork
+ * and releases it after, in both processes), and the child, which has none of the workers, computes on its own
+ * thread (a later qk_init starts a new pool, with fresh sleep locks: a worker may have held them at the fork). */
+static void before_fork(void) { pthread_mutex_lock(&pool.call); }
+static void after_fork_parent(void) { pthread_mutex_unlock(&pool.call); }
+static void after_fork_child(void) {
+    pthread_mutex_unlock(&pool.call);
+    pthread_mutex_init(&pool.mu, 0);
+    pthread_cond_init(&pool.cv, 0);
+    atomic_store(&pool.nsleeping, 0);
+    atomic_store(&pool.nthreads, 1);
+    atomic_store(&pool.started, 0);
 }
 
-int qk_threads(void) { return pool.nthreads; }
+/* Use n threads in all (the caller plus n-1 workers); spin: pause-loop iterations before an idle worker
+ * sleeps. The first call starts the pool (later ones only change spin); returns the number of threads. Safe to
+ * call from several threads at once: one starts the pool, the others wait for it. */
+int qk_init(int n, long spin) {
+    atomic_store(&pool.spin, spin);
+    if (atomic_load(&pool.started)) return atomic_load(&pool.nthreads);
+    pthread_mutex_lock(&pool.call);
+    if (!atomic_load(&pool.started)) {
+        static _Atomic int atfork_registered = 0;
+        if (!atomic_exchange(&atfork_registered, 1)) pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+        if (n < 1) n = 1;
+        if (n > QK_MAX_THREADS) n = QK_MAX_THREADS;
+        int started = 1;
+        for (int i = 1; i < n; i++) {
+            if (pthread_create(&pool.th[i], 0, worker, 0) != 0) break;
+            pthread_detach(pool.th[i]);
+            started++;
+        }
+        atomic_store(&pool.nthreads, started);
+        atomic_store(&pool.started, 1);
+    }
+    pthread_mutex_unlock(&pool.call);
+    return atomic_load(&pool.nthreads);
+}
 
-/* Run fn(ctx, i) for i in [0, nitems) on the pool; returns when all are done. Not reentrant: call it from
- * one thread at a time (the Python wrapper holds a lock). */
+int qk_threads(void) { return atomic_load(&pool.nthreads); }
+
+/* Run fn(ctx, i) for i in [0, nitems) on the pool; returns when all are done. Not reentrant: only called with
+ * pool.call held (the public entry points take it). */
 static void parallel_for(int nitems, task_fn fn, void *ctx) {
-    if (pool.nthreads <= 1 || nitems <= 1 || nitems > 0xFFFFFF) {
+    if (atomic_load(&pool.nthreads) <= 1 || nitems <= 1 || nitems > 0xFFFFFF) {
         for (int i = 0; i < nitems; i++) fn(ctx, i);
         return;
     }
@@ -295,13 +319,21 @@ static void gemv_item(void *ctx, int item) {
     if (j->bits == 4) { GEMV_M(4) } else if (j->bits == 8) { GEMV_M(8) } else { GEMV_M(2) }
 }
 
-/* Interleave masks: lanes 0..VL/2 (ILO) or VL/2..VL (IHI) of a and b, alternating. */
+/* Interleave: lanes 0..VL/2 (ZIP_LO) or VL/2..VL (ZIP_HI) of a and b, alternating. Clang and GCC >= 12 have
+ * __builtin_shufflevector (constant indices); older GCC only __builtin_shuffle (a mask vector). */
 #if VL == 16
-static const vi ILO = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
-static const vi IHI = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+#define ILO_IDX 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23
+#define IHI_IDX 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31
 #else
-static const vi ILO = {0, 8, 1, 9, 2, 10, 3, 11};
-static const vi IHI = {4, 12, 5, 13, 6, 14, 7, 15};
+#define ILO_IDX 0, 8, 1, 9, 2, 10, 3, 11
+#define IHI_IDX 4, 12, 5, 13, 6, 14, 7, 15
+#endif
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define ZIP_LO(a, b) __builtin_shufflevector(a, b, ILO_IDX)
+#define ZIP_HI(a, b) __builtin_shufflevector(a, b, IHI_IDX)
+#else
+#define ZIP_LO(a, b) __builtin_shuffle(a, b, (vi){ILO_IDX})
+#define ZIP_HI(a, b) __builtin_shuffle(a, b, (vi){IHI_IDX})
 #endif
 
 /* Dequantize rows [n0, n1) of one matrix into out ((n1-n0) x K, natural order). */
@@ -322,15 +354,15 @@ static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *w,
             float *oc = o + (size_t)c * CV;
             if (P == 1) storef(oc, q[0]);
             else if (P == 2) {
-                storef(oc, __builtin_shuffle(q[0], q[1], ILO));
-                storef(oc + VL, __builtin_shuffle(q[0], q[1], IHI));
+                storef(oc, ZIP_LO(q[0], q[1]));
+                storef(oc + VL, ZIP_HI(q[0], q[1]));
             } else {
-                vf e0 = __builtin_shuffle(q[0], q[2], ILO), e1 = __builtin_shuffle(q[0], q[2], IHI);
-                vf f0 = __builtin_shuffle(q[1], q[3], ILO), f1 = __builtin_shuffle(q[1], q[3], IHI);
-                storef(oc, __builtin_shuffle(e0, f0, ILO));
-                storef(oc + VL, __builtin_shuffle(e0, f0, IHI));
-                storef(oc + 2 * VL, __builtin_shuffle(e1, f1, ILO));
-                storef(oc + 3 * VL, __builtin_shuffle(e1, f1, IHI));
+                vf e0 = ZIP_LO(q[0], q[2]), e1 = ZIP_HI(q[0], q[2]);
+                vf f0 = ZIP_LO(q[1], q[3]), f1 = ZIP_HI(q[1], q[3]);
+                storef(oc, ZIP_LO(e0, f0));
+                storef(oc + VL, ZIP_HI(e0, f0));
+                storef(oc + 2 * VL, ZIP_LO(e1, f1));
+                storef(oc + 3 * VL, ZIP_HI(e1, f1));
             }
         }
     }
@@ -376,9 +408,11 @@ static int make_job(job_t *j, int K, int nseg, const void *const *w, const float
     int e = qk_supported(K, bits, gs);
     if (e) return e;
     if (nseg < 1 || nseg > QK_MAX_SEG) return -5;
+    if (!w || !s || !b || !n) return -7;
     memset(j, 0, sizeof *j);
     j->K = K, j->nseg = nseg, j->bits = bits, j->gs = gs;
     for (int i = 0; i < nseg; i++) {
+        if (n[i] < 0 || !w[i] || !s[i] || !b[i]) return -7;
         j->w[i] = (const uint8_t *)w[i], j->s[i] = s[i], j->b[i] = b[i], j->n[i] = n[i];
         j->off[i + 1] = j->off[i] + n[i];
     }
@@ -387,9 +421,9 @@ static int make_job(job_t *j, int K, int nseg, const void *const *w, const float
 }
 
 /* The stacked matrices (nseg of them, n[i] rows each, K columns) dequantized into out (sum(n) x K).
- * Returns 0, or < 0 for an unsupported layout. */
-int qk_dequantize(int K, int nseg, const void *const *w, const float *const *s, const float *const *b,
-                  const int *n, int bits, int gs, float *out) {
+ * Returns 0, or < 0 for an unsupported layout or bad arguments. */
+static int dequantize_impl(int K, int nseg, const void *const *w, const float *const *s, const float *const *b,
+                           const int *n, int bits, int gs, float *out) {
     job_t j;
     int e = make_job(&j, K, nseg, w, s, b, n, bits, gs);
     if (e) return e;
@@ -400,13 +434,14 @@ int qk_dequantize(int K, int nseg, const void *const *w, const float *const *s, 
 /* y[i] (M x n[i]) = x (M x K) @ W_i^T for each segment i. For M <= small_m the fused GEMV (8 rows of x at a
  * time); else dequantize blocks of up to `block` rows into scratch (block x K floats) and multiply each with
  * sgemm. Returns 0, or < 0: -1/-2 unsupported layout, -3 large M but no sgemm set, -4 out of memory,
- * -5 too many segments. */
-int qk_matmul(const float *x, int M, int K, int nseg, const void *const *w, const float *const *s,
-              const float *const *b, const int *n, int bits, int gs, float *const *y, float *scratch, int block,
-              int small_m) {
+ * -5 too many segments, -7 a negative size or a null pointer. */
+static int matmul_impl(const float *x, int M, int K, int nseg, const void *const *w, const float *const *s,
+                       const float *const *b, const int *n, int bits, int gs, float *const *y, float *scratch,
+                       int block, int small_m) {
     job_t j;
     int e = make_job(&j, K, nseg, w, s, b, n, bits, gs);
     if (e) return e;
+    if (M < 0 || !x || (M > small_m && (block < 1 || !scratch))) return -7;
     j.x = x, j.M = M;
     for (int i = 0; i < nseg; i++) j.y[i] = y[i];
     if (M <= small_m) { /* fused GEMV, 8 rows of x at a time */
@@ -415,7 +450,7 @@ int qk_matmul(const float *x, int M, int K, int nseg, const void *const *w, cons
             for (int m0 = 0; m0 < M; m0 += 8) {
                 int mb = M - m0 < 8 ? M - m0 : 8;
                 for (int i = 0; i < nseg; i++) yc[i] = y[i] + (size_t)m0 * n[i];
-                e = qk_matmul(x + (size_t)m0 * K, mb, K, nseg, w, s, b, n, bits, gs, yc, scratch, block, small_m);
+                e = matmul_impl(x + (size_t)m0 * K, mb, K, nseg, w, s, b, n, bits, gs, yc, scratch, block, small_m);
                 if (e) return e;
             }
             return 0;
@@ -457,11 +492,12 @@ int qk_matmul(const float *x, int M, int K, int nseg, const void *const *w, cons
  * (q/k/v, gate/up), dequantized into scratch `block` stacked rows at a time (across segment boundaries) and each
  * block is one sgemm, so a fused stack is a single large sgemm when it fits the scratch. Segment i's output is
  * columns [off_i, off_i + n_i) of y. Returns 0 or < 0 as qk_matmul. */
-int qk_matmul_stacked(const float *x, int M, int K, int nseg, const void *const *w, const float *const *s,
-                      const float *const *b, const int *n, int bits, int gs, float *y, float *scratch, int block) {
+static int stacked_impl(const float *x, int M, int K, int nseg, const void *const *w, const float *const *s,
+                        const float *const *b, const int *n, int bits, int gs, float *y, float *scratch, int block) {
     job_t j;
     int e = make_job(&j, K, nseg, w, s, b, n, bits, gs);
     if (e) return e;
+    if (M < 0 || !x || !y || block < 1 || !scratch) return -7;
     if (!qk_sgemm) return -3;
     const int ntot = j.ntot;
     for (int r0 = 0; r0 < ntot; r0 += block) {
@@ -702,8 +738,8 @@ int qk_int8_supported(int bits, int gs) {
 /* y (M x ntot, row-major) = x (M x K) @ [W_0; W_1; ...]^T like qk_matmul_stacked, on the int8 path: x is quantized
  * to int8 per row and group. Returns 0, or < 0 as qk_matmul, -6 if this build has
  * no int8 path (needs AVX2). */
-int qk_matmul_int8(const float *x, int M, int K, int nseg, const void *const *w, const float *const *s,
-                   const float *const *b, const int *n, int bits, int gs, float *y) {
+static int int8_impl(const float *x, int M, int K, int nseg, const void *const *w, const float *const *s,
+                     const float *const *b, const int *n, int bits, int gs, float *y) {
 #ifndef QK_INT8
     (void)x, (void)M, (void)K, (void)nseg, (void)w, (void)s, (void)b, (void)n, (void)bits, (void)gs, (void)y;
     return -6;
@@ -711,6 +747,7 @@ int qk_matmul_int8(const float *x, int M, int K, int nseg, const void *const *w,
     job_t j;
     int e = make_job(&j, K, nseg, w, s, b, n, bits, gs);
     if (e) return e;
+    if (M < 0 || !x || !y) return -7;
     if (!qk_int8_supported(bits, gs)) return -2;
     const int G = K / gs, Mp = (M + MT - 1) / MT * MT;
     int8_t *xq = (int8_t *)malloc((size_t)Mp * K + sizeof(float) * 2 * (size_t)Mp * G + 64);
@@ -727,4 +764,41 @@ int qk_matmul_int8(const float *x, int M, int K, int nseg, const void *const *w,
     free(xq);
     return atomic_load(&c.failed) ? -4 : 0;
 #endif
+}
+
+/* ---------------------------------------------------------------- entry points
+ * Each holds pool.call for its whole call: the pool runs one job at a time, and qk_sgemm stays as it was.
+ * Return codes: 0, or -1/-2 unsupported layout, -3 large M but no sgemm set, -4 out of memory, -5 too many
+ * segments, -6 no int8 path in this build, -7 a negative size or a null pointer. */
+#define LOCKED(expr)                      \
+    do {                                  \
+        pthread_mutex_lock(&pool.call);   \
+        int rc_ = (expr);                 \
+        pthread_mutex_unlock(&pool.call); \
+        return rc_;                       \
+    } while (0)
+
+/* The stacked matrices (nseg of them, n[i] rows each, K columns) dequantized into out (sum(n) x K). */
+int qk_dequantize(int K, int nseg, const void *const *w, const float *const *s, const float *const *b,
+                  const int *n, int bits, int gs, float *out) {
+    LOCKED(dequantize_impl(K, nseg, w, s, b, n, bits, gs, out));
+}
+
+/* y[i] (M x n[i]) = x (M x K) @ W_i^T for each segment i (see matmul_impl). */
+int qk_matmul(const float *x, int M, int K, int nseg, const void *const *w, const float *const *s,
+              const float *const *b, const int *n, int bits, int gs, float *const *y, float *scratch, int block,
+              int small_m) {
+    LOCKED(matmul_impl(x, M, K, nseg, w, s, b, n, bits, gs, y, scratch, block, small_m));
+}
+
+/* y (M x ntot) = x (M x K) @ [W_0; W_1; ...]^T through sgemm (see stacked_impl). */
+int qk_matmul_stacked(const float *x, int M, int K, int nseg, const void *const *w, const float *const *s,
+                      const float *const *b, const int *n, int bits, int gs, float *y, float *scratch, int block) {
+    LOCKED(stacked_impl(x, M, K, nseg, w, s, b, n, bits, gs, y, scratch, block));
+}
+
+/* The same on the int8 path (see int8_impl). */
+int qk_matmul_int8(const float *x, int M, int K, int nseg, const void *const *w, const float *const *s,
+                   const float *const *b, const int *n, int bits, int gs, float *y) {
+    LOCKED(int8_impl(x, M, K, nseg, w, s, b, n, bits, gs, y));
 }
