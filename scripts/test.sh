@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite (what CI runs): set up (plus a browser for the site check), then
+# The whole test suite (what CI runs): set up (plus a browser for the site check, and clang: the quantized CPU kernels
+# must build with it too, as on macOS), then
 #  1. nbdev-export / nbdev-clean leave no diff, README.md is generated from nbs/index.ipynb;
 #  2. every notebook runs ONCE (`efficientai notebooks run`: nbdev-test's engine, papermill's quick parameters
 #     from quick/NAME.yaml where a notebook has them, two at a time with a core each) and the executed copy is kept;
@@ -10,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 START=$SECONDS
-EFFICIENTAI_EXTRA_APT="chromium" bash scripts/setup.sh
+EFFICIENTAI_EXTRA_APT="chromium clang" bash scripts/setup.sh
 V=.venv/bin
 export PYDEVD_DISABLE_FILE_VALIDATION=1
 JOBS=${EFFICIENTAI_JOBS:-2}

@@ -16,6 +16,7 @@ def test_info_reports_backend_blas_and_live_matmul(cli):
     assert d["matmul"]["mlx_gflops"] > 0 and d["matmul"]["numpy_gflops"] > 0
     human = cli("info", "--size", "128").stdout
     assert "BLAS" in human and "matmul" in human and "ratio" in human
+    assert d["quant_kernels"] and "quantized CPU kernels" in human   # built, loaded, or why not
 
 
 def test_config_show_profiles_and_env(cli):
