@@ -26,7 +26,7 @@ __all__ = ['ADAPTER_FILE', 'ADAPTER_CONFIG', 'MixedLoRALinear', 'compute_in_mode
            'parameter_counts', 'trained_weights', 'save_adapters', 'read_adapter_config', 'quantize_like_training',
            'load_adapters', 'fuse_model', 'fuse']
 
-# %% ../../nbs/10_lora/04_adapters.ipynb #cbfff730
+# %% ../../nbs/10_lora/04_adapters.ipynb #a8363e3d
 class MixedLoRALinear(LoRALinear):
     "mlx-lm's `LoRALinear` whose low-rank product runs in the input's dtype; `A` and `B` stay float32 master weights."
     def __call__(self, x):
