@@ -10,8 +10,8 @@ the test run.
 Sizes: `EFFICIENTAI_FUZZ_CASES` cases per format (default 40); `EFFICIENTAI_FUZZ=long` makes the default 1,000.
 """
 from __future__ import annotations
-import copy, json, os, resource, select, shutil, subprocess, sys, textwrap, traceback, zlib
-from dataclasses import dataclass, field
+import copy, json, os, resource, select, shutil, subprocess, sys, textwrap, traceback
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Callable
@@ -211,7 +211,8 @@ class Worker:
 
     def _start(self):
         self.starts += 1
-        code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import fuzzing; fuzzing.serve({self.fmt!r})"
+        here = str(Path(__file__).parent)
+        code = f"import sys; sys.path.insert(0, {here!r}); import fuzzing; fuzzing.serve({self.fmt!r})"
         env = {**os.environ, "PYTHONFAULTHANDLER": "1", "TQDM_DISABLE": "1"}
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=open(self.log, "ab"), cwd=ROOT, env=env)
@@ -492,6 +493,17 @@ def _(folder: Path):
     (folder / "captions.tsv").write_text("\n".join(rows) + "\n")
 
 
+@fmt("image-folder", ["apple.png", "rocket.png", "turtle.png"], native=True)
+def image_folder(folder: Path):
+    "`efficientai clip` reads a folder of images to embed or classify."
+    from efficientai.clip.cli import read_images
+    read_images(folder, 16)
+
+
+@image_folder.seed
+def _(folder: Path): _copy(DATA / "captions", folder, "apple.png", "rocket.png", "turtle.png")
+
+
 @fmt("image-dataset-npz", ["train.npz", "test.npz", "meta.json"], native=True)
 def image_dataset(folder: Path):
     from efficientai.zoo.images import load_dataset
@@ -625,7 +637,7 @@ def gguf_convert(folder: Path):
 
 @gguf_convert.seed
 def _(folder: Path):
-    "The tiny LM written as a llama GGUF the way llama.cpp lays it out (q/k rows permuted, BPE vocabulary in the metadata)."
+    "The tiny LM as a llama GGUF laid out as llama.cpp does (q/k rows permuted, BPE vocabulary in the metadata)."
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from efficientai.zoo.llm import _BLOCK_NAMES, permute_rows
@@ -654,6 +666,7 @@ def _(folder: Path):
             "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.merges": [" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]],
             "tokenizer.ggml.token_type": mx.array([3 if t.startswith("<|") else 1 for t in tokens], dtype=mx.int32),
-            "tokenizer.ggml.bos_token_id": u32(vocab["<|im_start|>"]), "tokenizer.ggml.eos_token_id": u32(vocab["<|endoftext|>"]),
+            "tokenizer.ggml.bos_token_id": u32(vocab["<|im_start|>"]),
+            "tokenizer.ggml.eos_token_id": u32(vocab["<|endoftext|>"]),
             "tokenizer.chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
     mx.save_gguf(str(folder / "model.gguf"), arrays, meta)

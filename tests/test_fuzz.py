@@ -1,7 +1,6 @@
 """Every file format the toolkit reads, fuzzed: damaged copies of real seeds either load or raise a `ToolkitError`,
 never another exception, never a crash, never a file left behind (see tests/fuzzing.py for the formats and sizes)."""
 import importlib.util, shutil, zlib
-from pathlib import Path
 
 import numpy as np
 import pytest

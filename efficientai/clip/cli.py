@@ -27,7 +27,8 @@ def read_image(path: Path, size: int) -> np.ndarray:
     from efficientai.zoo.captions import fit_on_white
     try:
         with Image.open(path) as im: return fit_on_white(ImageOps.exif_transpose(im), size)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # Pillow raises SyntaxError for a broken PNG chunk
         raise DataError(f"unreadable image: {e}", where=path, hint="re-save it as PNG or JPEG, or move it out") from None
 
 def read_images(folder: Path | str, size: int) -> tuple[np.ndarray, list[Path]]:

@@ -412,7 +412,8 @@ def decode_image(data_url: str, size: int, index: int = 0):
             return fit_on_white(ImageOps.exif_transpose(im), size)
     except UnidentifiedImageError:
         raise ConfigError("not a readable image (unknown or broken format)", key=f"input.{index}") from None
-    except (binascii.Error, OSError, ValueError, Image.DecompressionBombError) as e:
+    except (binascii.Error, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # Pillow raises SyntaxError for a broken PNG chunk
         raise ConfigError(f"not a readable image: {e}", key=f"input.{index}") from None
 
 def embed(served: Served, model: str | None, inputs: list[str]) -> tuple[str, list[list[float]], int]:

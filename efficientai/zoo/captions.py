@@ -569,7 +569,8 @@ def load_caption_folder(folder: Path | str, size: int = 64, *, name: str | None 
         if not p.is_file(): raise DataError(f"image {rel!r} not found (looked for {p})", where=f"{path}:{line}")
         try:
             with Image.open(p) as im: images.append(fit_on_white(ImageOps.exif_transpose(im), size))
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            # Pillow raises SyntaxError for a broken PNG chunk
             raise DataError(f"image {rel!r} is unreadable: {e}", where=f"{path}:{line}",
                             hint="re-export it as PNG or JPEG, or drop its line") from None
         index[rel] = len(ids); ids.append(rel); captions.append(caption); keywords.append(list(kws))
