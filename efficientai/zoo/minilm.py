@@ -81,7 +81,8 @@ class BertConfig:
             return ModelLoadingError(f"wrong architecture: {key} = {raw.get(key)!r}, expected {expected}", where=path,
                                      hint="this loader reads BERT encoders (model_type 'bert') only")
         if raw.get("model_type") != "bert": raise bad("model_type", "'bert'")
-        if raw.get("hidden_act", "gelu") not in _ACTS: raise bad("hidden_act", f"one of {sorted(_ACTS)}")
+        act = raw.get("hidden_act", "gelu")
+        if not isinstance(act, str) or act not in _ACTS: raise bad("hidden_act", f"one of {sorted(_ACTS)}")
         if raw.get("position_embedding_type", "absolute") != "absolute": raise bad("position_embedding_type", "'absolute'")
         kw = {}
         for f in cls.__dataclass_fields__.values():
