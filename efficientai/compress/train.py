@@ -15,9 +15,10 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 from tqdm.auto import tqdm
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, TrainingError
 from ..models import lm_loss
 from ..checkpoint import fingerprint, has_checkpoint, save_checkpoint, load_checkpoint, load_arrays
 
@@ -78,6 +79,27 @@ def schedule(lr: float, steps: int, warmup: int = 0):
     return optim.join_schedules([optim.linear_schedule(lr / 100, lr, warmup), decay], [warmup])
 
 # %% ../../nbs/30_compression/00_train.ipynb #44c8db48
+def _my_rows(batch: tuple, rank: int, size: int) -> tuple:
+    "Process `rank`'s block of the rows of every array in `batch` (`size` processes; 1: `batch` itself)."
+    if size == 1: return batch
+    n = batch[0].shape[0]
+    if n % size:
+        raise ConfigError(f"a batch of {n} rows does not split over {size} processes", key="batch_size",
+                          expected=f"a multiple of {size}", got=n)
+    k = n // size
+    return tuple(a[rank * k:(rank + 1) * k] if getattr(a, "shape", ()) and a.shape[0] == n else a for a in batch)
+
+def _share_start(group, model: nn.Module, start: int, where) -> None:
+    "Check every process resumes at `start`, then give all rank 0's trainable weights (a sum with zeros elsewhere)."
+    starts = np.array(mx.distributed.all_gather(mx.array([start]), group=group))
+    if (starts != start).any():
+        raise TrainingError(f"the processes start at different steps ({', '.join(map(str, starts.tolist()))})",
+                            where=where, hint="every machine must see the same checkpoint folder (shared or copied)")
+    mine = model.trainable_parameters()
+    if group.rank(): mine = tree_map(mx.zeros_like, mine)
+    model.update(tree_map(lambda p: mx.distributed.all_sum(p, group=group), mine))
+    mx.eval(model.parameters())
+
 def fit(model: nn.Module, loss_fn: Callable[..., mx.array], batches: Iterator[tuple], *, steps: int, lr: float = 1e-4,
         warmup: int = 0, weight_decay: float = 0.0, grad_clip: float | None = 1.0,
         after_step: Callable[[nn.Module, int], None] | None = None, checkpoint: Path | str | None = None,
@@ -87,10 +109,18 @@ def fit(model: nn.Module, loss_fn: Callable[..., mx.array], batches: Iterator[tu
     """Train `model`'s trainable parameters on `loss_fn(model, *batch)` with AdamW and a warmup+cosine schedule; resumable.
     `grad_fn(model, *batch) -> (loss, grads)` replaces the plain gradient (e.g. CLIP's gradient cache); `ema` > 0 keeps
     a moving average of the weights with that decay (checkpointed, returned as `FitResult.ema`); `settings` are further
-    values a resume must match (the data's name, say)."""
+    values a resume must match (the data's name, say). Under `mlx.launch` (several `mx.distributed` processes) each
+    process trains on its block of every batch's rows and gradients are averaged (`loss_fn` must be a mean over
+    rows, as every loss in this chapter is); rank 0's starting weights are everyone's; rank 0 alone saves and shows
+    progress."""
     if steps < 1: raise ConfigError("steps must be >= 1", key="steps", expected=">= 1", got=steps)
     if lr <= 0: raise ConfigError("lr must be > 0", key="lr", expected="> 0", got=lr)
     if not 0.0 <= ema < 1.0: raise ConfigError("ema is a decay in [0, 1)", key="ema", expected="e.g. 0.999", got=ema)
+    world = mx.distributed.init()
+    rank, size = world.rank(), world.size()
+    if size > 1 and grad_fn is not None:
+        raise ConfigError(f"a grad_fn (a loss over the whole batch, like CLIP's gradient cache) is not split over "
+                          f"{size} processes", key="grad_fn", hint="run it in one process (without mlx.launch)")
     opt = optim.AdamW(learning_rate=schedule(lr, steps, warmup), weight_decay=weight_decay)
     fp = fingerprint(model, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, **({"ema": ema} if ema else {}),
                      **(settings or {}))
@@ -103,12 +133,16 @@ def fit(model: nn.Module, loss_fn: Callable[..., mx.array], batches: Iterator[tu
         if ema: avg = load_arrays(folder, "ema")
         for _ in range(start): next(batches)          # the batches the first run already used
         if after_step is not None and start: after_step(model, start)
+    if size > 1: _share_start(world, model, start, folder)
     value_and_grad = grad_fn or nn.value_and_grad(model, loss_fn)   # grad_fn(model, *batch) -> (loss, grads)
     t0 = time.perf_counter()
     model.train()
-    with tqdm(total=steps, initial=start, desc=desc, leave=False) as bar:
+    with tqdm(total=steps, initial=start, desc=desc, leave=False, disable=rank != 0) as bar:
         for step in range(start + 1, steps + 1):
-            loss, grads = value_and_grad(model, *next(batches))
+            loss, grads = value_and_grad(model, *_my_rows(next(batches), rank, size))
+            if size > 1:
+                grads = average_gradients(grads, world)
+                loss = mx.distributed.all_sum(loss, group=world) / size
             if grad_clip: grads, _ = optim.clip_grad_norm(grads, grad_clip)
             opt.update(model, grads)
             if after_step is not None: after_step(model, step)
@@ -119,8 +153,10 @@ def fit(model: nn.Module, loss_fn: Callable[..., mx.array], batches: Iterator[tu
             losses.append(loss.item())
             bar.update(); bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             if folder is not None and (step % save_every == 0 or step == steps):
-                save_checkpoint(folder, model, opt, fingerprint=fp, state={"step": step, "losses": losses},
-                                arrays={"ema": avg} if ema else None)
+                if rank == 0:
+                    save_checkpoint(folder, model, opt, fingerprint=fp, state={"step": step, "losses": losses},
+                                    arrays={"ema": avg} if ema else None)
+                if size > 1: mx.eval(mx.distributed.all_sum(mx.array(1.0), group=world))   # all wait for the save
     model.eval()
     return FitResult(losses, steps, start, time.perf_counter() - t0, avg)
 

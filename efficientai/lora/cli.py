@@ -78,23 +78,28 @@ def _show_generations(gens) -> None:
         for who in ("base", "tuned"): print(f"{who:>6}: " + r[who].strip().replace("\n", "\n        "))
 
 def lora_train(args) -> int:
+    "Train; under `mlx.launch` every process trains and rank 0 alone prints and runs `--eval`."
+    import mlx.core as mx
     from efficientai.lora.train import finetune, load_data
     from efficientai.lora.evaluate import evaluate_run
     from efficientai.zoo.catalog import load_model
+    lead = mx.distributed.init().rank() == 0
+    say = print if lead else (lambda *a, **k: None)
     cfg = cli_config(args)
     model, tokenizer, source = load_model(cfg.model, with_source=True)
-    print(f"base model: {source}")
+    say(f"base model: {source}")
     data = load_data(cfg, tokenizer)
-    for split, (_, report) in data.items(): print(f"{split}: {report}")
+    for split, (_, report) in data.items(): say(f"{split}: {report}")
     r = finetune(cfg, resume=not args.no_resume, plot=False, model=model, tokenizer=tokenizer, data=data, source=source)
     c = r.counts
-    print(f"{cfg.fine_tune_type}: {c['trainable']:,} trainable of {c['total']:,} parameters ({c['percent']:.3f}%), "
-          f"fast kernels {'on' if r.fast_kernels else 'off'}")
-    print(f"{r.state.step} steps ({r.state.stopped}), {r.tokens_per_second:.0f} tokens/s, peak memory {r.peak_memory_gb:.2f} GB")
-    if r.state.best_loss is not None: print(f"best validation loss {r.state.best_loss:.4f} at step {r.state.best_step}")
-    if r.test_loss is not None: print(f"test loss {r.test_loss:.3f}, test ppl {math.exp(r.test_loss):.3f}")
-    print(f"adapters: {r.adapter_path}")
-    if args.eval:
+    say(f"{cfg.fine_tune_type}: {c['trainable']:,} trainable of {c['total']:,} parameters ({c['percent']:.3f}%), "
+        f"fast kernels {'on' if r.fast_kernels else 'off'}")
+    say(f"{r.state.step} steps ({r.state.stopped}), {r.tokens_per_second:.0f} tokens/s, "
+        f"peak memory {r.peak_memory_gb:.2f} GB")
+    if r.state.best_loss is not None: say(f"best validation loss {r.state.best_loss:.4f} at step {r.state.best_step}")
+    if r.test_loss is not None: say(f"test loss {r.test_loss:.3f}, test ppl {math.exp(r.test_loss):.3f}")
+    say(f"adapters: {r.adapter_path}")
+    if args.eval and lead:
         metrics, gens = evaluate_run(r.adapter_path, n_test=args.eval)
         print(_table(metrics)); _show_generations(gens)
     return 0

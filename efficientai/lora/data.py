@@ -19,7 +19,7 @@ from ..errors import ConfigError, DataError
 
 # %% auto #0
 __all__ = ['FORMATS', 'STRATEGIES', 'record_format', 'encode_record', 'Sample', 'DataReport', 'load_jsonl', 'load_folder',
-           'Batch', 'make_batch', 'loss_mask', 'batch_plan', 'iterate_batches', 'pack_samples']
+           'Batch', 'make_batch', 'loss_mask', 'batch_plan', 'iterate_batches', 'shard_batch', 'pack_samples']
 
 # %% ../../nbs/10_lora/01_data.ipynb #3b235229
 FORMATS = ("chat", "completions", "text")
@@ -295,6 +295,18 @@ def iterate_batches(samples: Sequence[Sample], batch_size: int, *, seed: int = 0
         for k in range(position, len(plan)): yield epoch, k, make_batch(samples, plan[k], **kw)
         if not loop: return
         epoch, position = epoch + 1, 0
+
+# %% ../../nbs/10_lora/01_data.ipynb #6e2b8d31
+def shard_batch(samples: Sequence[Sample], batch: Batch, rank: int, size: int) -> Batch:
+    "Process `rank`'s block of `batch`'s rows when `size` processes share it (`size` 1: `batch` itself); same width."
+    if not 0 <= rank < size:
+        raise ConfigError("rank must lie in [0, size)", key="rank", expected=f"0..{size - 1}", got=rank)
+    if size == 1: return batch
+    rows = np.array_split(np.arange(len(batch.indices)), size)[rank]
+    idx = [batch.indices[r] for r in rows]
+    mask = None if batch.mask is None else batch.mask[rows]
+    n_tokens, n_loss = sum(len(samples[i].tokens) for i in idx), sum(samples[i].n_loss_tokens for i in idx)
+    return Batch(batch.tokens[rows], batch.lengths[rows], n_tokens, n_loss, idx, mask)
 
 # %% ../../nbs/10_lora/01_data.ipynb #420539d6
 def pack_samples(samples: Sequence[Sample], max_seq_length: int) -> list[Sample]:

@@ -57,17 +57,22 @@ def masked_loss(model: nn.Module, inputs: mx.array, positions: mx.array, targets
 
 # %% ../../nbs/10_lora/03_loss.ipynb #cb7f7a07
 def dataset_loss(model: nn.Module, samples, batch_size: int = 8, *, max_batches: int | None = None, head="auto",
-                 seed: int = 0, max_seq_length: int = 2048, progress: bool = False) -> dict:
-    "`{'loss', 'ppl', 'tokens'}` of `model` over `samples` (token-weighted), using at most `max_batches` batches."
+                 seed: int = 0, max_seq_length: int = 2048, progress: bool = False, group=None) -> dict:
+    """`{'loss', 'ppl', 'tokens'}` of `model` over `samples` (token-weighted), using at most `max_batches` batches.
+    `group`: an `mx.distributed` group whose processes all call this and each score their share of every batch."""
     from tqdm.auto import tqdm
-    from efficientai.lora.data import batch_plan, make_batch
+    from efficientai.lora.data import batch_plan, make_batch, shard_batch
     if head == "auto": head = head_fn(model)
+    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
     plan = batch_plan(samples, min(batch_size, len(samples)), epoch=0, seed=seed)
     if max_batches is not None and max_batches > 0: plan = plan[:max_batches]
     total, n = mx.array(0.0), mx.array(0.0)
     for idx in tqdm(plan, desc="loss", leave=False, disable=not progress):
-        loss, k = masked_loss(model, *loss_inputs(make_batch(samples, idx, max_seq_length=max_seq_length)), head=head)
+        mine = shard_batch(samples, make_batch(samples, idx, max_seq_length=max_seq_length), rank, size)
+        if not mine.indices: continue                   # a batch smaller than the group: nothing for this process
+        loss, k = masked_loss(model, *loss_inputs(mine), head=head)
         total, n = total + loss * k, n + k
         mx.eval(total, n)
+    if size > 1: total, n = mx.distributed.all_sum(total, group=group), mx.distributed.all_sum(n, group=group)
     mean = (total / n).item()
     return {"loss": mean, "ppl": float(np.exp(mean)), "tokens": int(n.item())}

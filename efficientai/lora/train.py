@@ -18,6 +18,7 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 from tqdm.auto import tqdm
 from ..errors import ConfigError, DataError, TrainingError
@@ -26,7 +27,7 @@ from ..checkpoint import STATE_FILE, WEIGHTS_FILE, fingerprint, has_checkpoint, 
 from ..checkpoint import save_checkpoint as write_checkpoint
 from ..logging import get_logger
 from .config import LoraConfig, config_to_dict, save_config
-from .data import Sample, load_folder, pack_samples, iterate_batches
+from .data import Sample, load_folder, pack_samples, iterate_batches, shard_batch, loss_mask
 from .loss import head_fn, loss_inputs, masked_loss, dataset_loss
 from .kernels import fast_kernels
 from .adapters import prepare_model, parameter_counts, save_adapters, ADAPTER_FILE, ADAPTER_CONFIG, _layers
@@ -134,17 +135,24 @@ def load_adapter_file(model: nn.Module, cfg: LoraConfig) -> Path:
     return f
 
 # %% ../../nbs/10_lora/05_train.ipynb #a45c2875
-def make_step(model: nn.Module, optimizer: optim.Optimizer, cfg: LoraConfig, head) -> Callable:
+def make_step(model: nn.Module, optimizer: optim.Optimizer, cfg: LoraConfig, head, group=None) -> Callable:
+    """The compiled step of one micro-batch. Under `mx.distributed` (`group` of several processes) each process passes
+    `share` = size x its loss tokens / the global batch's, so that the averaged gradient is the global batch's."""
     loss_fn = lambda m, *a: masked_loss(m, *a, head=head)
     value_and_grad = nn.value_and_grad(model, loss_fn)
     k = cfg.grad_accumulation_steps
+    size = group.size() if group is not None else 1
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(args, prev, update):
+    def step(args, prev, update, share=None):
         (loss, ntoks), grad = value_and_grad(model, *args)
+        if share is not None:                       # this process's part of the global batch's mean
+            grad = tree_map(lambda g: g * share, grad)
+            loss = mx.distributed.all_sum(loss * share, group=group) / size
         if prev is not None: grad = tree_map(lambda a, b: a + b, grad, prev)
         if update:
+            if size > 1: grad = average_gradients(grad, group)
             if k > 1: grad = tree_map(lambda g: g / k, grad)
             if cfg.max_grad_norm: grad, _ = optim.clip_grad_norm(grad, cfg.max_grad_norm)
             optimizer.update(model, grad)
@@ -206,10 +214,22 @@ class TrainResult:
         "The last test-set loss (`test: true`), else None."
         return next((h["test_loss"] for h in reversed(self.state.history) if "test_loss" in h), None)
 
-def validation_loss(model: nn.Module, valid: list[Sample], cfg: LoraConfig, head="auto") -> float:
+def validation_loss(model: nn.Module, valid: list[Sample], cfg: LoraConfig, head="auto", group=None) -> float:
     "Validation loss as the run defines it: `cfg.val_batches` batches (-1: all) of `cfg.batch_size`."
     return dataset_loss(model, valid, cfg.batch_size, max_batches=None if cfg.val_batches == -1 else cfg.val_batches,
-                        head=head, seed=cfg.seed, max_seq_length=cfg.max_seq_length)["loss"]
+                        head=head, seed=cfg.seed, max_seq_length=cfg.max_seq_length, group=group)["loss"]
+
+def _barrier(group) -> None:
+    "Wait until every process of `group` gets here (an `all_sum`); nothing for one process."
+    if group.size() > 1: mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
+
+def _same_start(group, state: TrainState, where: Path) -> None:
+    "Every process resumes at the same step, or a `TrainingError` (a machine that misses the checkpoint starts over)."
+    starts = np.array(mx.distributed.all_gather(mx.array([state.step, state.micro]), group=group)).reshape(-1, 2)
+    if (starts == starts[0]).all(): return
+    raise TrainingError(f"the processes start at different steps ({', '.join(str(int(s)) for s in starts[:, 0])})",
+                        where=where, hint="every machine must see the same checkpoint: put adapter_path on a shared "
+                        "folder or copy it to each machine, or start over on all (--no-resume)")
 
 def train(model: nn.Module, cfg: LoraConfig, train_set: list[Sample], valid_set: list[Sample] | None = None, *,
           resume: bool = True, progress: bool = True, plot: bool | str = "auto",
@@ -218,11 +238,20 @@ def train(model: nn.Module, cfg: LoraConfig, train_set: list[Sample], valid_set:
     """Fine-tune `model` (prepared here by `cfg.fine_tune_type`) on `train_set`; adapters and checkpoints go to `cfg.adapter_path`.
     `callback(record)` sees every history record; returning True stops the run (saved, resumable).
     `test_set` is scored after training when `cfg.test`; `source`: the `ModelSource` of `model` (default: `cfg.model`'s).
+    Under `mlx.launch` (`mx.distributed` with several processes) each process trains on its share of every batch
+    and gradients are averaged; only rank 0 writes (adapters, checkpoints, config) and shows progress.
     """
     if not cfg.train: raise ConfigError("`train: false` (test only) is not a training run", key="train",
                                         hint="score adapters with `efficientai lora eval --adapter-path DIR`")
     if cfg.test and not test_set: raise DataError("`test: true` needs a test set", where=cfg.data,
                                                   hint="put test.jsonl in the data folder, or set test: false")
+    world = mx.distributed.init()
+    rank, size = world.rank(), world.size()
+    lead = rank == 0                                # the process that writes files and shows progress
+    if cfg.batch_size % size:
+        raise ConfigError(f"batch_size {cfg.batch_size} does not split over {size} processes", key="batch_size",
+                          expected=f"a multiple of {size}", got=cfg.batch_size,
+                          hint="each process trains on batch_size / processes rows of every batch")
     cfg = with_base_model(cfg, source)
     out = Path(cfg.adapter_path); out.mkdir(parents=True, exist_ok=True)
     mx.random.seed(cfg.seed)
@@ -242,24 +271,25 @@ def train(model: nn.Module, cfg: LoraConfig, train_set: list[Sample], valid_set:
             f = load_adapter_file(model, cfg)
             log.info("starting from the adapters in %s", f)
             state.history.append({"step": 0, "event": "adapters loaded", "file": str(f)})
-    save_config(cfg, out / "config.yaml")
-    if state.step == 0 and not (out / ADAPTER_FILE).exists(): save_adapters(model, cfg, out)
+    if size > 1: _same_start(world, state, ck)
+    if lead: save_config(cfg, out / "config.yaml")
+    if lead and state.step == 0 and not (out / ADAPTER_FILE).exists(): save_adapters(model, cfg, out)
     rows = pack_samples(train_set, cfg.max_seq_length) if cfg.batching == "pack" else train_set
     strategy = "shuffle" if cfg.batching == "shuffle" else "bucket"
-    live = LossPlot() if (plot is True or (plot == "auto" and in_notebook())) else None
+    live = LossPlot() if lead and (plot is True or (plot == "auto" and in_notebook())) else None
     mx.reset_peak_memory()
     with fast_kernels(model, cfg.fast_kernels) as fast, grad_checkpointing(model, cfg.grad_checkpoint):
         head = head_fn(model)
-        step_fn = make_step(model, optimizer, cfg, head)
+        step_fn = make_step(model, optimizer, cfg, head, world)
         model.train()
         def evaluate(final: bool = False) -> None:
             if not valid_set: return
-            model.eval(); v = validation_loss(model, valid_set, cfg, head); model.train()
+            model.eval(); v = validation_loss(model, valid_set, cfg, head, world); model.train()
             rec = {"step": state.step, "val_loss": v, "val_ppl": math.exp(v)}
             improved = state.best_loss is None or v < state.best_loss - cfg.min_delta
             if improved:
                 state.best_loss, state.best_step, state.evals_since_best = v, state.step, 0
-                save_adapters(model, cfg, out)
+                if lead: save_adapters(model, cfg, out)
                 rec["best"] = True
             else: state.evals_since_best += 1
             state.history.append(rec)
@@ -267,14 +297,17 @@ def train(model: nn.Module, cfg: LoraConfig, train_set: list[Sample], valid_set:
         if state.step == 0 and state.micro == 0: evaluate()
         batches = iterate_batches(rows, cfg.batch_size, seed=cfg.seed, strategy=strategy, start_epoch=state.epoch,
                                   start_position=state.position, max_seq_length=cfg.max_seq_length)
-        bar = tqdm(total=cfg.iters, initial=state.step, desc=f"{cfg.fine_tune_type} fine-tune", disable=not progress, unit="step")
+        bar = tqdm(total=cfg.iters, initial=state.step, desc=f"{cfg.fine_tune_type} fine-tune",
+                   disable=not (progress and lead), unit="step")
         grad, losses, n_rep, tic_tokens = None, [], 0, 0
         while state.step < cfg.iters and state.stopped is None:
             epoch, position, batch = next(batches)
-            mx.random.seed(cfg.seed * 1_000_003 + state.micro)   # dropout draws depend on (seed, micro-batch) only
+            mx.random.seed((cfg.seed * 1_000_003 + state.micro) * size + rank)   # dropout: (seed, micro-batch, rank)
             tic = time.perf_counter()
             update = (state.micro + 1) % cfg.grad_accumulation_steps == 0
-            loss, ntoks, grad = step_fn(loss_inputs(batch), grad, update)
+            mine = shard_batch(rows, batch, rank, size)
+            share = mx.array(size * loss_mask(mine).sum() / loss_mask(batch).sum(), mx.float32) if size > 1 else None
+            loss, ntoks, grad = step_fn(loss_inputs(mine), grad, update, share)
             mx.eval(model.state, optimizer.state, loss, grad)
             state.train_seconds += time.perf_counter() - tic
             if not math.isfinite(loss.item()):
@@ -290,24 +323,29 @@ def train(model: nn.Module, cfg: LoraConfig, train_set: list[Sample], valid_set:
                        "tokens_per_s": state.tokens / state.train_seconds, "peak_memory_gb": mx.get_peak_memory() / 1e9}
                 state.history.append(rec); losses = []
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                if callback is not None and callback(rec): state.stopped = "stopped by callback"
+                stop = callback is not None and bool(callback(rec))
+                if size > 1: stop = mx.distributed.all_sum(mx.array(float(stop)), group=world).item() > 0   # all stop
+                if stop: state.stopped = "stopped by callback"
             if state.step % cfg.steps_per_eval == 0 and state.step < cfg.iters: evaluate()
             if live is not None: live.update(state.history)
-            if state.step % cfg.save_every == 0 or state.stopped: save_checkpoint(ck, model, optimizer, cfg, state)
+            if state.step % cfg.save_every == 0 or state.stopped:
+                if lead: save_checkpoint(ck, model, optimizer, cfg, state)
+                _barrier(world)                     # no process runs ahead of a checkpoint being written
         bar.close()
         if state.stopped is None:
             evaluate(final=True)
             state.stopped = "done"
-        if not valid_set: save_adapters(model, cfg, out)
+        if lead and not valid_set: save_adapters(model, cfg, out)
         if cfg.test:        # mlx-lm's `test`: the weights at the end of training, `test_batches` batches
             model.eval()
             n_test = None if cfg.test_batches == -1 else cfg.test_batches
             t = dataset_loss(model, test_set, cfg.batch_size, max_batches=n_test, head=head, seed=cfg.seed,
-                             max_seq_length=cfg.max_seq_length)
+                             max_seq_length=cfg.max_seq_length, group=world)
             rec = {"step": state.step, "test_loss": t["loss"], "test_ppl": t["ppl"], "test_tokens": t["tokens"]}
             state.history.append(rec)
             log.info("test loss %.3f, test ppl %.3f", t["loss"], t["ppl"])
-        save_checkpoint(ck, model, optimizer, cfg, state)
+        if lead: save_checkpoint(ck, model, optimizer, cfg, state)
+        _barrier(world)                             # every process returns once the checkpoint is on disk
         if live is not None: live.update(state.history)
     return TrainResult(out, state, counts, fast, mx.get_peak_memory() / 1e9)
 
