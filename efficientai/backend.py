@@ -236,7 +236,7 @@ def matmul_gflops(n: int = 2048, dtype: str = "float32", lib: str = "mlx", repea
         t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
     return 2 * n**3 / statistics.median(times) / 1e9
 
-# %% ../nbs/00_foundation/01_backend.ipynb #ee54aa0f
+# %% ../nbs/00_foundation/01_backend.ipynb #6d6ce037
 def _torch_gpu() -> bool:
     "PyTorch is installed and sees a CUDA GPU (imported only to ask)."
     import importlib.util
