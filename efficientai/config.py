@@ -139,13 +139,21 @@ def load_dataclass(cls, values: dict, *, file: str | Path | None = None, prefix:
     return cls(**kw)
 
 # %% ../nbs/00_foundation/02_config.ipynb #c3952490
-def _nest(flat: dict) -> dict:
-    "{'a.b': 1} -> {'a': {'b': 1}}"
+def _nest(flat: dict, file: Path | None = None) -> dict:
+    "{'a.b': 1} -> {'a': {'b': 1}}; a key that is both a value and a section ('a' and 'a.b') is a `ConfigError`."
     out: dict = {}
     for k, v in flat.items():
         d = out
         *parents, last = k.split(".")
-        for p in parents: d = d.setdefault(p, {})
+        for i, p in enumerate(parents):
+            d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                section = ".".join(parents[:i + 1])
+                raise ConfigError(f"{section} has a value, so it cannot also be a section holding {k}",
+                                  file=file, key=k, hint="keep one of the two keys")
+        if isinstance(d.get(last), dict):
+            raise ConfigError(f"{k} is a section (it has {', '.join(d[last])}), so it cannot also have a value",
+                              file=file, key=k, hint="keep one of the two keys")
         d[last] = v
     return out
 
@@ -188,7 +196,7 @@ def read_config_file(path: Path) -> dict:
             base = {k: _parse_scalar(v) for k, v in cp.defaults().items()}
             profiles = {s: {k: _parse_scalar(v) for k, v in cp.items(s) if k not in cp.defaults() or cp.get(s, k) != cp.defaults()[k]}
                         for s in cp.sections()}
-            return {"base": _nest(base), "profiles": {n: _nest(p) for n, p in profiles.items()}}
+            return {"base": _nest(base, path), "profiles": {n: _nest(p, path) for n, p in profiles.items()}}
         else:
             raise ConfigError(f"unsupported config format {suffix!r}", file=path,
                               hint="use .yaml, .yml, .toml, .json or .ini")
@@ -199,7 +207,7 @@ def read_config_file(path: Path) -> dict:
     profiles = data.pop("profiles", {}) or {}
     if not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values()):
         raise ConfigError("'profiles' must map profile names to mappings", file=path, key="profiles")
-    return {"base": _nest(_flatten(data)), "profiles": {n: _nest(_flatten(p)) for n, p in profiles.items()}}
+    return {"base": _nest(_flatten(data), path), "profiles": {n: _nest(_flatten(p), path) for n, p in profiles.items()}}
 
 # %% ../nbs/00_foundation/02_config.ipynb #f4f0b3e8
 SECTIONS = {"project": ProjectConfig, "benchmark": BenchmarkConfig, "deployment": DeploymentConfig}

@@ -95,6 +95,8 @@ def damage_tree(obj, rng: np.random.Generator) -> tuple[str, Any]:
         del parent[key]; return f"{shown} removed", obj
     if op < 0.4 and isinstance(parent, dict):
         parent[f"{key}_"] = parent.pop(key); return f"{shown} renamed", obj
+    if op < 0.45 and isinstance(parent, dict):      # a dotted twin: 'a' and 'a.b' (dotted keys nest in configs)
+        parent[f"{key}.x"] = 1; return f"{shown}.x added", obj
     v = WRONG_VALUES[int(rng.integers(len(WRONG_VALUES)))]
     parent[key] = copy.deepcopy(v)
     return f"{shown} = {v!r}", obj
