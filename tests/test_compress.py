@@ -1,7 +1,7 @@
 """The compression chapter end to end from the command line: what a user who never opens a notebook runs."""
 import json
 
-from conftest import BIN, run, full_disk_run, digests
+from conftest import BIN, ROOT, run, full_disk_run, digests
 
 MODEL = "smollm2-135m-instruct"
 
@@ -56,3 +56,33 @@ def test_bad_inputs_name_what_is_wrong_and_keep_earlier_results(cli, tmp_path):
     assert p.returncode != 0 and "Unable to write" in p.stderr, p.stderr[-3000:]
     assert digests(out / "model") == before
     assert not [f.name for f in out.iterdir() if f.name.startswith(".model.")]   # no temporary left beside it
+
+
+LAYOUTS = ROOT / "tests" / "fixtures" / "classifier_layouts"
+
+
+def test_classifier_folders_of_the_older_layouts_load_and_resave_in_the_current_one(tmp_path):
+    # Folders written by the writers before compress.classifier (commit 09222cc, see the fixtures' README):
+    # save_lowrank's factorized MLP, the pipeline's first save_classifier (factorized + q8g32 CNN, fc.down kept float)
+    # and the zoo teacher's CNN. Each loads to the outputs it gave when saved (to float rounding: another machine's BLAS
+    # may sum in another order), and saves again in the current layout, which loads to the very same outputs.
+    from efficientai.compress.classifier import classifier_layout, load_classifier, save_classifier, FORMAT_VERSION
+    import numpy as np
+    import mlx.core as mx
+    from efficientai.compress.cli import load_any
+    from efficientai.compress.distill import load_teacher
+    expected = np.load(LAYOUTS / "expected.npz")
+    for name, layout, x in [("lowrank-mlp", "lowrank-v0", "x_mlp"), ("pipeline-cnn", "classifier-v1", "x_cnn"),
+                            ("teacher-cnn", "teacher-v0", "x_cnn")]:
+        folder, want = LAYOUTS / name, expected[name.replace("-", "_")]
+        assert classifier_layout(json.loads((folder / "config.json").read_text())) == layout
+        outs = [np.array(m(mx.array(expected[x]))) for m in (load_classifier(folder), load_any(str(folder))[0])]
+        for out in outs: np.testing.assert_allclose(out, want, atol=1e-5, err_msg=name)
+        again = save_classifier(load_classifier(folder), tmp_path / name)
+        info = json.loads((again / "config.json").read_text())
+        assert info["format_version"] == FORMAT_VERSION and classifier_layout(info) == "current"
+        assert np.array_equal(np.array(load_classifier(again)(mx.array(expected[x]))), outs[0]), name
+    assert json.loads((tmp_path / "pipeline-cnn" / "config.json").read_text())["quantized"] == \
+        {"head": {"bits": 8, "group_size": 32, "mode": "affine"}}
+    teacher = load_teacher(LAYOUTS / "teacher-cnn")
+    assert teacher.info["test_accuracy"] == 0.5 and teacher.train_logits.shape == (2, 3)

@@ -29,7 +29,7 @@ def _train(kind: str, steps: int, seed: int = 0, **cfg):
 @pytest.fixture(scope="module")
 def classifiers(tmp_path_factory):
     "An MLP and a CNN trained briefly on Fashion-MNIST (well above chance), saved as classifier folders."
-    from efficientai.compress.pipeline import save_classifier
+    from efficientai.compress.classifier import save_classifier
     root = tmp_path_factory.mktemp("classifiers")
     mlp, mlp_acc = _train("mlp", 150)
     cnn, cnn_acc = _train("cnn", 60, channels=(8, 16), hidden=32)
@@ -63,7 +63,7 @@ def test_cli_exports_a_classifier_to_every_format(classifiers, tmp_path, capsys)
 def test_tflite_file_runs_in_litert_like_mlx(classifiers, tmp_path):
     "Independently of the command's own check: LiteRT's interpreter on test images, MLX on the same images."
     from ai_edge_litert.interpreter import Interpreter
-    from efficientai.compress.pipeline import load_classifier
+    from efficientai.compress.classifier import load_classifier
     from efficientai.zoo.images import fashion_mnist
     for kind in ("mlp", "cnn"):
         path = E.export_tflite(load_classifier(classifiers[kind]), tmp_path / f"{kind}.tflite")

@@ -17,8 +17,8 @@ __all__ = ['load_any', 'compress_run']
 
 # %% ../../nbs/30_compression/07_cli.ipynb #09a9d245
 def load_any(name: str):
-    "`(model, tokenizer or None)`: the zoo's Fashion-MNIST CNN teacher, a saved classifier folder, or a language model."
-    from efficientai.compress.pipeline import CLASSIFIER_FORMAT, load_classifier
+    "`(model, tokenizer or None)`: the zoo's Fashion-MNIST CNN teacher, a classifier folder, or a language model."
+    from efficientai.compress.classifier import classifier_layout, load_classifier
     if name == "fashion-cnn":
         from efficientai.zoo.cache import fetch_entry
         from efficientai.compress.distill import fashion_teacher_entry, load_teacher
@@ -27,7 +27,7 @@ def load_any(name: str):
     if cfg.is_file():
         try: info = json.loads(cfg.read_text())
         except ValueError as e: raise ModelLoadingError(f"config.json is not JSON: {e}", where=cfg) from e
-        if info.get("format") == CLASSIFIER_FORMAT: return load_classifier(name), None
+        if classifier_layout(info) is not None: return load_classifier(name), None
         if "low_rank" in info:
             from efficientai.compress.lowrank import load_lowrank
             return load_lowrank(name)

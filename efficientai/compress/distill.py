@@ -425,31 +425,32 @@ def fashion_teacher_entry(cfg: CNNConfig = FASHION_TEACHER, *, epochs: int = 2, 
         steps = epochs * (len(ds.train) // batch_size)
         res = fit(model, classifier_loss, classifier_batches(ds.train, batch_size, seed=cfg.seed), steps=steps, lr=lr,
                   warmup=min(100, steps // 10), desc="teacher")
-        model.save_weights(str(folder / "model.safetensors"))
+        from efficientai.compress.classifier import save_classifier
+        record = {"training": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "steps": steps,
+                               "final_loss": res.final_loss, "seconds": round(res.seconds, 1)},
+                  "test_accuracy": evaluate_classifier(model, ds.test), "parameters": parameter_count(model)}
+        save_classifier(model, folder, record=record)         # the chapter's classifier folder, plus the logits:
         np.save(folder / "train_logits.npy", teacher_logits(model, ds.train))
-        info = {"model_type": "cnn", "config": asdict(cfg), "training": {"epochs": epochs, "lr": lr, "batch_size": batch_size,
-                "steps": steps, "final_loss": res.final_loss, "seconds": round(res.seconds, 1)},
-                "test_accuracy": evaluate_classifier(model, ds.test), "parameters": parameter_count(model)}
-        atomic_write_json(folder / "config.json", info)
-        return {"test_accuracy": info["test_accuracy"]}
+        return {"test_accuracy": record["test_accuracy"]}
     return ZooEntry(_cnn_name(cfg, epochs, lr, batch_size), "model", "MIT",
                     "trained here on Fashion-MNIST (Zalando Research, MIT)",
                     f"CNN {cfg.channels}/{cfg.hidden} trained {epochs} epochs on Fashion-MNIST: a distillation teacher",
                     build, approx_mb=6.0)
 
 def load_teacher(folder: Path | str) -> Teacher:
-    "Read a teacher written by `fashion_teacher_entry`'s build."
-    folder = Path(folder)
+    """Read a teacher written by `fashion_teacher_entry`'s build: a classifier folder (`compress.classifier`; caches built
+    before it hold the older teacher layout, which it reads too) with `train_logits.npy`; `info` is the build's record."""
+    from efficientai.compress.classifier import load_classifier
+    folder, hint = Path(folder), "rebuild it: fetch_entry(fashion_teacher_entry(...), force=True)"
+    try: model = load_classifier(folder)
+    except ModelLoadingError as e:
+        raise ModelLoadingError(f"cached teacher is unreadable: {e.message}", where=e.where, hint=hint) from e
     try:
         info = json.loads((folder / "config.json").read_text())
-        cfg = CNNConfig(**info["config"])
-        model = CNN(cfg); model.load_weights(str(folder / "model.safetensors"), strict=True)
         logits = np.load(folder / "train_logits.npy")
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        raise ModelLoadingError(f"cached teacher is unreadable: {e}", where=folder,
-                                hint="rebuild it: fetch_entry(fashion_teacher_entry(...), force=True)") from e
-    mx.eval(model.parameters()); model.eval()
-    return Teacher(model, logits, info)
+    except (OSError, ValueError) as e:
+        raise ModelLoadingError(f"cached teacher is unreadable: {e}", where=folder, hint=hint) from e
+    return Teacher(model, logits, info.get("record", info))
 
 def fashion_teacher(cfg: CNNConfig = FASHION_TEACHER, *, epochs: int = 2, lr: float = 2e-3, batch_size: int = 128,
                     force: bool = False) -> Teacher:

@@ -355,26 +355,15 @@ def install_low_rank(model: nn.Module, ranks: dict[str, int], *, where: str | Pa
         _set(model, p, LowRankLinear(inp, out, r, bias="bias" in lin))
     return model
 
-def _tiny_kind(model: nn.Module) -> str | None:
-    from efficientai.zoo.tiny import CNN, MLP
-    return "mlp" if isinstance(model, MLP) else "cnn" if isinstance(model, CNN) else None
+_CLASSIFIER_HINT = "the toolkit's MLP and CNN have their own folder format: efficientai.compress.classifier.{verb}"
 
 def save_lowrank(model: nn.Module, tokenizer, folder: Path | str, *, config: dict | None = None) -> Path:
-    """Write a factorized model to `folder` atomically. mlx-lm models: the mlx-lm layout, `config` (default: the model's
-    `args`) plus `low_rank` {path: rank}, and the tokenizer's files when given. The toolkit's MLP/CNN: weights + config."""
-    folder, ranks, kind = Path(folder), low_rank_layers(model), _tiny_kind(model)
-    if kind is None and not hasattr(model, "args"):
-        raise ConfigError("save_lowrank writes mlx-lm models and the toolkit's MLP/CNN", key="model",
-                          expected="an mlx-lm model or an efficientai.zoo.tiny MLP/CNN", got=type(model).__name__)
-    if kind is not None:
-        if is_quantized(model):
-            raise ConfigError("save_lowrank keeps MLP/CNN in float", key="model",
-                              hint="efficientai.compress.pipeline.save_classifier saves quantized classifiers")
-        cfg = {"efficientai_model": kind, "config": dataclasses.asdict(model.config), "low_rank": ranks}
-        with atomic_dir(folder) as tmp:
-            mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        return folder
+    """Write a factorized mlx-lm model to `folder` atomically, in the mlx-lm layout: `config` (default: the model's
+    `args`) plus `low_rank` {path: rank}, and the tokenizer's files when given. (Classifiers: `compress.classifier`.)"""
+    folder, ranks = Path(folder), low_rank_layers(model)
+    if not hasattr(model, "args"):
+        raise ConfigError("save_lowrank writes mlx-lm language models", key="model", expected="an mlx-lm model",
+                          got=type(model).__name__, hint=_CLASSIFIER_HINT.format(verb="save_classifier"))
     from mlx_lm.utils import save_config, save_model
     cfg = dict(config) if config is not None else {k: v for k, v in dataclasses.asdict(model.args).items() if v is not None}
     if is_quantized(model) and "quantization" not in cfg: cfg["quantization"] = quantization_block(model)
@@ -391,6 +380,10 @@ def _read_config(folder: Path) -> dict:
     if not f.exists(): raise ModelLoadingError("no config.json", where=f, hint="save a factorized model with save_lowrank")
     try: cfg = json.loads(f.read_text())
     except json.JSONDecodeError as e: raise ModelLoadingError(f"not valid JSON: {e}", where=f) from None
+    if isinstance(cfg, dict) and ("efficientai_model" in cfg or "kind" in cfg
+                                  or str(cfg.get("model_type")) in ("mlp", "cnn")):
+        raise ModelLoadingError("a classifier folder, not an mlx-lm one", where=f,
+                                hint=_CLASSIFIER_HINT.format(verb="load_classifier"))
     if not isinstance(cfg, dict) or not isinstance(cfg.get("low_rank"), dict):
         raise ModelLoadingError("no 'low_rank' entry {layer path: rank}", where=f,
                                 hint="a folder without one holds a plain model: load it with efficientai.zoo.catalog.load_model")
@@ -403,17 +396,6 @@ def load_lowrank(folder: Path | str):
     cfg_file = folder / "config.json"
     files = sorted(folder.glob("model*.safetensors"))
     wfile = files[0] if len(files) == 1 else folder / "model.safetensors"
-    if "efficientai_model" in cfg:
-        from efficientai.zoo.tiny import tiny_model
-        try: model = tiny_model(cfg["efficientai_model"], **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["config"].items()})
-        except (KeyError, TypeError, ConfigError) as e:
-            raise ModelLoadingError(f"can't build the model config.json describes: {e}", where=cfg_file) from None
-        install_low_rank(model, cfg["low_rank"], where=cfg_file)
-        if not wfile.exists(): raise ModelLoadingError("no weights", where=wfile, hint="save the model with save_lowrank")
-        try: model.load_weights(str(wfile), strict=True)
-        except ValueError as e: raise ModelLoadingError(f"the weights don't fit config.json: {e}", where=wfile) from None
-        mx.eval(model.parameters()); model.eval()
-        return model, None
     from mlx_lm.utils import _get_classes, load_model, load_tokenizer
     def classes(config: dict):
         cls, args_cls = _get_classes(config)

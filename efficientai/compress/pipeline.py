@@ -23,11 +23,11 @@ from .train import (fit, lm_batches, classifier_batches, classifier_loss, evalua
 from ..models import lm_loss
 from .deploy import measure, compare, family
 from ..quant.ptq import quantization_block
+from .classifier import save_classifier, load_classifier  # load_classifier: re-exported for old imports
 
 # %% auto #0
-__all__ = ['STAGES', 'TRAINING', 'LLM_ONLY', 'CLASSIFIER_FORMAT', 'Stage', 'check_stage', 'parse_pipeline', 'Task', 'lm_task',
-           'vision_task', 'check_applicable', 'structure', 'stage_loss', 'PipelineResult', 'run_pipeline',
-           'save_classifier', 'load_classifier', 'save_model']
+__all__ = ['STAGES', 'TRAINING', 'LLM_ONLY', 'Stage', 'check_stage', 'parse_pipeline', 'Task', 'lm_task', 'vision_task',
+           'check_applicable', 'structure', 'stage_loss', 'PipelineResult', 'run_pipeline', 'save_model']
 
 # %% ../../nbs/30_compression/06_pipeline.ipynb #75155095
 STAGES = {"prune": "fraction", "heads": "fraction", "sparsify": "fraction or N:M", "lowrank": "parameter ratio",
@@ -266,52 +266,9 @@ def run_pipeline(model: nn.Module, stages: list[Stage] | str, task: Task, *, out
     return PipelineResult(cur, compare(rows), stages)
 
 # %% ../../nbs/30_compression/06_pipeline.ipynb #6637f56c
-CLASSIFIER_FORMAT = "efficientai-classifier"
-
 def _low_rank(model: nn.Module) -> dict[str, int]:
     from efficientai.compress.lowrank import low_rank_layers
     return low_rank_layers(model)
-
-def save_classifier(model: nn.Module, folder: Path | str) -> Path:
-    "Write one of the toolkit's classifiers (possibly pruned, factorized or quantized) to `folder`, atomically."
-    from efficientai.zoo.tiny import MLP, CNN
-    if not isinstance(model, (MLP, CNN)):
-        raise ConfigError("save_classifier writes the toolkit's MLP and CNN", key="model", expected="MLP or CNN", got=type(model).__name__)
-    folder = Path(folder)
-    with atomic_dir(folder) as tmp:
-        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
-        atomic_write_json(tmp / "config.json", {"format": CLASSIFIER_FORMAT, "kind": "cnn" if isinstance(model, CNN) else "mlp",
-                                                "config": asdict(model.config), "quantization": quantization_block(model),
-                                                "low_rank": _low_rank(model)})
-    return folder
-
-def load_classifier(folder: Path | str) -> nn.Module:
-    "A classifier written by `save_classifier`, structure rebuilt (sizes, factors, quantization) and weights loaded."
-    from efficientai.zoo.tiny import tiny_config, MLP, CNN
-    from efficientai.quant.ptq import quantize, QuantSpec
-    folder = Path(folder); cfg_file = folder / "config.json"
-    try: info = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadingError(f"can't read the classifier's config: {e}", where=cfg_file,
-                                hint="a folder written by save_classifier / `efficientai compress run`") from e
-    if info.get("format") != CLASSIFIER_FORMAT:
-        raise ModelLoadingError("not a classifier folder written by efficientai", where=cfg_file,
-                                hint=f"its config.json needs \"format\": \"{CLASSIFIER_FORMAT}\"")
-    cfg = tiny_config(info["kind"], **{k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()})
-    model = (CNN if info["kind"] == "cnn" else MLP)(cfg)
-    if info.get("low_rank"):
-        from efficientai.compress.lowrank import install_low_rank
-        install_low_rank(model, info["low_rank"], where=cfg_file)
-    weights = folder / "model.safetensors"
-    if info.get("quantization"):                  # the layers that were quantized are those with scales in the file
-        q, have = info["quantization"], mx.load(str(weights))
-        nn.quantize(model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
-                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in have)
-    try: model.load_weights(str(weights), strict=True)
-    except (ValueError, OSError) as e:
-        raise ModelLoadingError(f"the weights don't match the saved structure: {e}", where=weights) from e
-    mx.eval(model.parameters()); model.eval()
-    return model
 
 def save_model(model: nn.Module, folder: Path | str, tokenizer=None) -> Path:
     "Save a pipeline's result: an mlx-lm folder for language models (factorized ones via `save_lowrank`), else a classifier folder."

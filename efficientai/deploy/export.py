@@ -79,11 +79,10 @@ class Loaded:
 ZOO_CLASSIFIERS = ("fashion-cnn",)
 
 def _folder_kind(info: dict, folder: Path) -> str:
-    from efficientai.compress.pipeline import CLASSIFIER_FORMAT
-    if info.get("format") == CLASSIFIER_FORMAT: return "classifier"
+    from efficientai.compress.classifier import classifier_layout
+    if classifier_layout(info) is not None: return "classifier"     # any layout, the zoo teacher's included
     if str(info.get("format", "")).startswith("efficientai-clip"): return "clip"
     if {"unet", "diffusion"} <= set(info): return "diffusion"
-    if info.get("model_type") in ("cnn", "mlp") and (folder / "train_logits.npy").exists(): return "teacher"
     return "llm"
 
 def _load_folder(folder: Path) -> Loaded:
@@ -95,11 +94,8 @@ def _load_folder(folder: Path) -> Loaded:
     if not isinstance(info, dict): raise ModelLoadingError("config.json is not a JSON object", where=cfg)
     kind, name = _folder_kind(info, folder), folder.name
     if kind == "classifier":
-        from efficientai.compress.pipeline import load_classifier
+        from efficientai.compress.classifier import load_classifier
         return Loaded(load_classifier(folder), "classifier", name)
-    if kind == "teacher":
-        from efficientai.compress.distill import load_teacher
-        return Loaded(load_teacher(folder).model, "classifier", name)
     if kind == "clip":
         from efficientai.clip.model import load_clip
         return Loaded(load_clip(folder), "clip-image", name)
