@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from ..errors import ConfigError, ModelLoadingError
+from ..formats import read_safetensors
 from ..io import atomic_dir, atomic_write_json
 from ..zoo.tiny import CNN, MLP, tiny_config
 from .lowrank import install_low_rank, low_rank_layers
@@ -146,9 +147,7 @@ def _quantize(model: nn.Module, layers, file: Path) -> None:
 
 def _read_weights(file: Path) -> dict:
     if not file.is_file(): raise ModelLoadingError("no weights", where=file, hint=_HINT)
-    try: weights = mx.load(str(file))
-    except (RuntimeError, ValueError, OSError) as e:
-        raise ModelLoadingError(f"unreadable (truncated or corrupt?): {e}", where=file, hint=_HINT) from None
+    weights = read_safetensors(file, hint=_HINT)       # the header checked before MLX's reader sees the file
     if not isinstance(weights, dict): raise ModelLoadingError("not a safetensors file", where=file, hint=_HINT)
     return weights
 

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError, ModelLoadingError
+from ..formats import check_model_folder
 from ..io import atomic_dir
 from ..quant.ptq import require_float, quantization_block
 from ..models import clone, is_quantized
@@ -400,6 +401,7 @@ def load_lowrank(folder: Path | str):
     def classes(config: dict):
         cls, args_cls = _get_classes(config)
         return (lambda args: install_low_rank(cls(args), cfg["low_rank"], where=cfg_file)), args_cls
+    check_model_folder(folder)                          # config, tokenizer and safetensors headers, before MLX
     try: model, config = load_model(folder, get_model_classes=classes)
     except FileNotFoundError as e: raise ModelLoadingError(f"no weights: {e}", where=wfile) from None
     except ValueError as e:

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from ..errors import ConfigError, ModelLoadingError
+from ..formats import read_safetensors
 from ..io import atomic_dir, atomic_write_json
 from .train import (fit, lm_batches, classifier_batches, classifier_loss, evaluate_lm,
                                         evaluate_classifier)
@@ -250,7 +251,7 @@ def run_pipeline(model: nn.Module, stages: list[Stage] | str, task: Task, *, out
         folder = out / f"{i:02d}-{st.name}" if out is not None else None
         cur, hook = structure(st, cur, task)
         if _done(folder):
-            cur.load_weights(str(folder / "weights.safetensors"), strict=True)
+            cur.load_weights(list(read_safetensors(folder / "weights.safetensors").items()), strict=True)
             rows.append(json.loads((folder / "row.json").read_text()))
             continue
         if st.steps:
