@@ -394,9 +394,12 @@ PASS_ENV = ("HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "PYENV_ROOT", "PYENV_VER
             "EFFICIENTAI_PYPI_URL", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
 
 def base_env() -> dict[str, str]:
-    "What each stage's environment starts from on this machine: PATH without virtualenvs, HOME, proxies and indexes."
+    """What each stage's environment starts from on this machine: PATH without virtualenvs (plus the toolkit's own
+    tools folder, where set-up installs uv on a machine that had none), HOME, proxies and indexes."""
     path = [d for d in os.environ.get("PATH", "").split(os.pathsep)
             if d and not (Path(d).parent / "pyvenv.cfg").exists()]
+    tools = Path(os.environ.get("EFFICIENTAI_TOOLS") or Path.home() / ".local/share/efficientai") / "bin"
+    if tools.is_dir() and str(tools) not in path: path.append(str(tools))   # set-up puts uv there if PATH has none
     env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
     return {"PATH": os.pathsep.join(path), **env}
 
