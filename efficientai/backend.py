@@ -14,7 +14,7 @@ from pathlib import Path
 __all__ = ['log', 'blas_status', 'ALLOCATOR_SETTINGS', 'allocator_status', 'find_fast_blas', 'BlasStatus', 'preload_fast_blas',
            'AllocatorStatus', 'tune_allocator', 'BackendInfo', 'mlx_backend', 'backend_info', 'use_device',
            'seed_everything', 'matmul_gflops', 'live_matmul', 'plain_mlx_matmul_times', 'plain_mlx_matmul_gflops',
-           'install_kernel']
+           'tools_dir', 'install_kernel']
 
 # %% ../nbs/00_foundation/01_backend.ipynb #b16f1bcc
 log = logging.getLogger("efficientai.backend")
@@ -283,6 +283,11 @@ def plain_mlx_matmul_times(n: int = 2048, dtype: str = "float32", repeats: int =
 def plain_mlx_matmul_gflops(n: int = 2048, dtype: str = "float32", repeats: int = 3) -> float:
     "GFLOP/s of the matmul in plain MLX, as a user gets it from `import mlx.core` alone."
     return 2 * n**3 / statistics.median(plain_mlx_matmul_times(n, dtype, repeats)) / 1e9
+
+# %% ../nbs/00_foundation/01_backend.ipynb #a8aafd9b
+def tools_dir() -> Path:
+    "Where `scripts/setup.sh` installs the toolkit's own tools (uv, when PATH has none): `$EFFICIENTAI_TOOLS/bin`."
+    return Path(os.environ.get("EFFICIENTAI_TOOLS") or Path.home() / ".local/share/efficientai") / "bin"
 
 # %% ../nbs/00_foundation/01_backend.ipynb #68d2073a
 def install_kernel(name: str = "efficientai", display_name: str = "EfficientAI", prefix: Path | None = None) -> Path:

@@ -29,6 +29,7 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from efficientai.backend import tools_dir  # noqa: E402
 from efficientai.errors import DependencyError  # noqa: E402
 
 # What `scripts/setup.sh` installs with apt on Debian/Ubuntu and a bundle can't carry (see README.txt below).
@@ -100,8 +101,7 @@ def target(python: str | None = None, platform_tag: str | None = None) -> Target
 
 def uv_bin() -> str:
     "The uv that wrote the lock: on PATH, the project's own (.venv/bin/uv), or setup.sh's private copy."
-    for c in (shutil.which("uv"), ROOT / ".venv" / "bin" / "uv",
-              Path(os.environ.get("EFFICIENTAI_TOOLS", Path.home() / ".local/share/efficientai")) / "bin" / "uv"):
+    for c in (shutil.which("uv"), ROOT / ".venv" / "bin" / "uv", tools_dir() / "uv"):
         if c and Path(c).exists(): return str(c)
     raise DependencyError("uv not found", hint="run `bash scripts/setup.sh` first")
 
@@ -289,7 +289,7 @@ def fetch(wheels: list[Wheel], out: Path, wheelhouses: list[Path], offline: bool
     out.mkdir(parents=True, exist_ok=True)
     # A wheel already in the bundle (an earlier run) counts when its hash is the lock's or the one recorded then.
     done = {w.filename: previous.get(w.filename) for w in wheels
-            if (out / w.filename).exists() and (s := sha256(out / w.filename)) in
+            if (out / w.filename).exists() and sha256(out / w.filename) in
             (w.sha256, (previous.get(w.filename) or {}).get("sha256"))}
     got, missing = {}, []
     for w in wheels:

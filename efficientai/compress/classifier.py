@@ -147,9 +147,7 @@ def _quantize(model: nn.Module, layers, file: Path) -> None:
 
 def _read_weights(file: Path) -> dict:
     if not file.is_file(): raise ModelLoadingError("no weights", where=file, hint=_HINT)
-    weights = read_safetensors(file, hint=_HINT)       # the header checked before MLX's reader sees the file
-    if not isinstance(weights, dict): raise ModelLoadingError("not a safetensors file", where=file, hint=_HINT)
-    return weights
+    return read_safetensors(file, hint=_HINT)          # the header checked before MLX's reader sees the file
 
 def _fit(model: nn.Module, weights: dict, file: Path) -> None:
     expected = dict(tree_flatten(model.parameters()))

@@ -27,6 +27,7 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
+from ..backend import tools_dir
 from ..errors import DependencyError, DeploymentError
 from ..io import atomic_write
 
@@ -398,7 +399,7 @@ def base_env() -> dict[str, str]:
     tools folder, where set-up installs uv on a machine that had none), HOME, proxies and indexes."""
     path = [d for d in os.environ.get("PATH", "").split(os.pathsep)
             if d and not (Path(d).parent / "pyvenv.cfg").exists()]
-    tools = Path(os.environ.get("EFFICIENTAI_TOOLS") or Path.home() / ".local/share/efficientai") / "bin"
+    tools = tools_dir()
     if tools.is_dir() and str(tools) not in path: path.append(str(tools))   # set-up puts uv there if PATH has none
     env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
     return {"PATH": os.pathsep.join(path), **env}
