@@ -11,9 +11,12 @@ import efficientai  # first: loads fast BLAS
 import copy
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
+from .errors import ConfigError
 
 # %% auto #0
-__all__ = ['OUTPUT_LAYER_NAMES', 'is_quantized', 'is_output_layer', 'lm_loss', 'on_cpu', 'clone', 'dense_copy']
+__all__ = ['OUTPUT_LAYER_NAMES', 'DTYPES', 'is_quantized', 'is_output_layer', 'lm_loss', 'on_cpu', 'model_dtype', 'compute_dtype',
+           'cast_model', 'clone', 'dense_copy']
 
 # %% ../nbs/00_foundation/10_models.ipynb #5cbc3a06
 def _holds_codes(m: nn.Module) -> bool:
@@ -41,6 +44,36 @@ def lm_loss(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
 def on_cpu() -> bool:
     "Whether MLX computes on the CPU: its default device is the CPU."
     return mx.default_device() == mx.cpu
+
+# %% ../nbs/00_foundation/10_models.ipynb #be0cc6f6
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+def model_dtype(model: nn.Module) -> mx.Dtype | None:
+    "The floating dtype that most of `model`'s values are in (None if it has no floating arrays)."
+    sizes: dict = {}
+    for _, v in tree_flatten(model.parameters()):
+        if isinstance(v, mx.array) and mx.issubdtype(v.dtype, mx.floating): sizes[v.dtype] = sizes.get(v.dtype, 0) + v.size
+    return max(sizes, key=sizes.get) if sizes else None
+
+def compute_dtype(current: mx.Dtype | None, dtype: str = "auto") -> mx.Dtype | None:
+    """The dtype to compute in on MLX's default device, for a model whose floating values are `current`: `dtype` if it
+    names one, else (auto) bfloat16 for float32 on a GPU, float32 for half precision on the CPU, `current` otherwise."""
+    if dtype not in DTYPES: raise ConfigError("unknown dtype", key="dtype", expected=", ".join(DTYPES), got=dtype)
+    if dtype != "auto": return getattr(mx, dtype)
+    if current is None: return None
+    if on_cpu(): return mx.float32 if current in (mx.bfloat16, mx.float16) else current
+    return mx.bfloat16 if current == mx.float32 else current
+
+def cast_model(model: nn.Module, dtype: str = "auto") -> str:
+    "Cast `model`'s floating arrays to `compute_dtype` (in place); returns what was done, e.g. 'float32 -> bfloat16 (gpu)'."
+    before = model_dtype(model)
+    after = compute_dtype(before, dtype)
+    where = "cpu" if on_cpu() else "gpu"
+    if after is None or after == before: return f"{_name(before)} kept ({where})"
+    model.set_dtype(after)
+    return f"{_name(before)} -> {_name(after)} ({where})"
+
+def _name(d) -> str: return str(d).rpartition(".")[2] if d is not None else "no floats"
 
 # %% ../nbs/00_foundation/10_models.ipynb #b9956abf
 def clone(model: nn.Module) -> nn.Module:

@@ -152,10 +152,10 @@ def test_lora_train_resume_and_generate(tiny_lm, lora_data, tmp_path):
     from efficientai.lora.config import load_config
     from efficientai.lora.train import finetune
 
-    def run(name: str, iters: int, device):
+    def run(name: str, iters: int, device, dtype: str = "float32"):     # float32 on both: the numbers must agree
         cfg = load_config(model=str(tiny_lm), data=str(lora_data), iters=iters, num_layers=2, batch_size=2,
                           learning_rate=1e-3, steps_per_report=1, steps_per_eval=100, save_every=2, val_batches=2,
-                          adapter_path=tmp_path / name)
+                          adapter_path=tmp_path / name, dtype=dtype)
         with on(device): return finetune(cfg, progress=False, plot=False)
 
     gpu = run("gpu", 4, GPU)
@@ -179,6 +179,11 @@ def test_lora_train_resume_and_generate(tiny_lm, lora_data, tmp_path):
     assert_same_update({k: mx.zeros_like(v) for k, v in b(on_cpu).items()}, b(straight), b(on_cpu))
     model, tokenizer = mlx_lm.load(str(tiny_lm), adapter_path=str(gpu.adapter_path))
     assert_greedy_agrees(model, tokenizer)
+    # dtype auto follows the backend: the float32 model trains in bfloat16 on the GPU, in float32 on the CPU
+    for device, want in ((GPU, "float32 -> bfloat16" if ON_GPU else "float32 kept"), (mx.cpu, "float32 kept")):
+        with _Said("efficientai.lora.adapters") as said: auto = run(f"auto-{device}", 2, device, dtype="auto")
+        assert any(want in m for m in said), said
+        assert np.isfinite([h["train_loss"] for h in auto.history if "train_loss" in h]).all()
 
 
 # -- (2) quantization ------------------------------------------------------------------------------------------------

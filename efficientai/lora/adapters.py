@@ -19,10 +19,13 @@ from ..errors import ConfigError, ModelLoadingError
 from ..formats import check_model_folder
 from ..io import atomic_dir, atomic_file, atomic_write_json
 from .config import LoraConfig, adapter_config
-from ..models import is_quantized
+from ..logging import get_logger
+from ..models import cast_model, is_quantized
+
+log = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['ADAPTER_FILE', 'ADAPTER_CONFIG', 'MixedLoRALinear', 'compute_in_model_dtype', 'target_keys', 'prepare_model',
+__all__ = ['log', 'ADAPTER_FILE', 'ADAPTER_CONFIG', 'MixedLoRALinear', 'compute_in_model_dtype', 'target_keys', 'prepare_model',
            'parameter_counts', 'trained_weights', 'save_adapters', 'read_adapter_config', 'quantize_like_training',
            'load_adapters', 'fuse_model', 'fuse']
 
@@ -57,7 +60,8 @@ def target_keys(model: nn.Module) -> list[str]:
     return sorted(keys)
 
 def prepare_model(model: nn.Module, cfg: LoraConfig) -> nn.Module:
-    "Freeze `model` and make the part `cfg` trains trainable (in place; also returned)."
+    """Freeze `model` and make the part `cfg` trains trainable (in place; also returned); its floating weights are
+    first cast to `cfg.dtype` (auto: the backend's fast dtype)."""
     layers = _layers(model)
     n = len(layers) if cfg.num_layers == -1 else cfg.num_layers
     if n > len(layers):
@@ -68,6 +72,7 @@ def prepare_model(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         bad = [k for k in lp.keys if k not in valid]
         if bad: raise ConfigError(f"no such linear layer in a block: {', '.join(bad)}", key="lora_parameters.keys",
                                   hint=f"valid keys: {', '.join(valid)}")
+    log.info("computing in %s", cast_model(model, cfg.dtype))   # bf16 on a GPU, float32 on the CPU (cfg.dtype: auto)
     if cfg.fine_tune_type == "qlora" and not is_quantized(model):
         nn.quantize(model, group_size=cfg.quantize_group_size, bits=cfg.quantize_bits)
     if cfg.fine_tune_type in ("lora", "dora") and is_quantized(model):

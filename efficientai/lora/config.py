@@ -15,6 +15,7 @@ import yaml
 from ..config import load_dataclass, _rule
 from ..errors import ConfigError
 from ..io import atomic_write
+from ..models import DTYPES
 
 # %% auto #0
 __all__ = ['METHODS', 'BATCHING', 'OPTIMIZERS', 'SCHEDULES', 'LoraParameters', 'Schedule', 'LoraConfig', 'config_from_dict',
@@ -84,6 +85,7 @@ class LoraConfig:
     seed: int = 0
     adapter_path: Path = Path("adapters")
     fast_kernels: str = field(default="auto", metadata=_rule(lambda v: v in ("auto", "on", "off"), "auto, on or off"))
+    dtype: str = field(default="auto", metadata=_rule(lambda v: v in DTYPES, ", ".join(DTYPES)))  # compute dtype
     train: bool = True                        # mlx-lm's; `false` (test only) is refused: use `efficientai lora eval`
     test: bool = False                        # after training, the loss on test.jsonl (mlx-lm's semantics)
     test_batches: int = field(default=500, metadata=_rule(lambda v: v == -1 or v > 0, "-1 (all) or a positive integer"))
