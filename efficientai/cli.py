@@ -100,6 +100,8 @@ def info(args) -> int:
         d["matmul"] = d["matmuls"][-1]                                   # float32: the row every backend has
     from efficientai.quant.kernels import kernels_status
     d["quant_kernels"] = kernels_status()       # built, loaded, not needed here, or why they can't be built
+    from efficientai.quant.engine import engine_status
+    d["engine"] = engine_status()               # the fused CPU primitives' MLX extension: the same four answers
     if args.json: print(json.dumps(d, indent=2, default=str)); return 0
     print(f"EfficientAI on {b.os} {b.machine}, Python {b.python}")
     print(f"  chip      {b.chip} ({b.cpu_cores} cores, {b.memory_gb:.1f} GB)")
@@ -112,6 +114,7 @@ def info(args) -> int:
         print("  CPU paths the BLAS, the quantized C kernels and the fast CPU training kernels step aside: "
               f"MLX computes on the {b.backend.upper()} GPU")
     print(f"  kernels   quantized CPU kernels {d['quant_kernels']}")
+    print(f"  engine    fused CPU primitives {d['engine']}")
     for m in d.get("matmuls", []):
         peer = f", {m['peer']} {m[m['peer'] + '_gflops']:.1f} GFLOP/s, ratio {m['ratio']:.2f}" if m.get("peer") else ""
         print(f"  matmul    {m['n']}x{m['n']} {m['dtype']}: MLX {m['mlx_gflops']:.1f} GFLOP/s{peer}")

@@ -39,9 +39,10 @@ echo "== MLX backend: $BACKEND ($WHY)"
 if [ "$DRY_RUN" = 1 ]; then echo "would run: uv $SYNC"; exit 0; fi
 
 # System packages the toolkit uses on Debian/Ubuntu: an optimised BLAS that MLX can bind to, a C compiler for the
-# quantization chapter's CPU kernels (the server image has one too), and the zoo's
+# quantization chapter's CPU kernels (the server image has one too), a C++ compiler, CMake and Ninja for its MLX
+# extension (the engine's fused primitives, efficientai/csrc), and the zoo's
 # offline data: Fashion-MNIST, colour emoji, the King James Bible, WordNet; plus $EFFICIENTAI_EXTRA_APT (test.sh: a browser).
-APT_PACKAGES="python3 ca-certificates libopenblas0-pthread gcc libc6-dev dataset-fashion-mnist fonts-noto-color-emoji bible-kjv wordnet-base unicode-cldr-core openclipart-svg librsvg2-bin"
+APT_PACKAGES="python3 ca-certificates libopenblas0-pthread gcc g++ libc6-dev cmake ninja-build dataset-fashion-mnist fonts-noto-color-emoji bible-kjv wordnet-base unicode-cldr-core openclipart-svg librsvg2-bin"
 install_apt() {
   command -v apt-get >/dev/null 2>&1 || return 0
   local missing="" p

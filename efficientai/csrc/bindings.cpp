@@ -1,0 +1,21 @@
+// Python bindings of the engine's ops (nanobind, in MLX's NB_DOMAIN so arrays cross as mx.array).
+#include <nanobind/nanobind.h>
+
+#include "engine.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_efficientai_engine, m) {
+  m.doc() = "efficientai's fused, multithreaded CPU primitives for MLX";
+  m.def("rms_norm", &efficientai::rms_norm, "x"_a, "weight"_a, "eps"_a,
+        "x * rsqrt(mean(x**2, -1) + eps) * weight, as mx.fast.rms_norm (float32 inside)");
+  m.def("rope", &efficientai::rope, "x"_a, "dims"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a,
+        "rotary position embedding over the last axis, positions along axis -2, as mx.fast.rope");
+  m.def("swiglu", &efficientai::swiglu, "gate"_a, "up"_a, "silu(gate) * up");
+  m.def("attention", &efficientai::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
+        "softmax(scale * q @ k.T [causal, bottom-right aligned]) @ v with grouped KV heads, "
+        "as mx.fast.scaled_dot_product_attention");
+  m.def("threads", &efficientai::engine_threads, "threads the engine's pool runs on");
+  m.def("set_threads", &efficientai::set_engine_threads, "n"_a, "resize the pool (n <= 0: the usable CPUs)");
+}

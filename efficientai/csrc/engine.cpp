@@ -1,0 +1,572 @@
+// Fused, multithreaded CPU primitives for MLX (see engine.h). Every kernel computes in float32; ops cast other float
+// dtypes in and out around the primitive. Inputs may be strided views (mlx-lm's transposed heads, a KV cache's slice):
+// each kernel reads rows through their offsets, and copies only when the last axis itself is strided.
+#include "engine.h"
+
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+
+namespace efficientai {
+
+// ================================================================ thread pool
+namespace {
+
+int usable_cpus() {
+  if (const char* env = std::getenv("EFFICIENTAI_ENGINE_THREADS")) {
+    int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+class Pool {
+ public:
+  explicit Pool(int threads) {
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { loop(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> l(m_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int threads() const { return int(workers_.size()) + 1; }
+
+  void run(int ntasks, const std::function<void(int)>& fn) {
+    if (ntasks <= 0) return;
+    if (ntasks == 1 || workers_.empty()) {
+      for (int t = 0; t < ntasks; ++t) fn(t);
+      return;
+    }
+    std::lock_guard<std::mutex> one_job(run_m_);
+    {
+      std::lock_guard<std::mutex> l(m_);
+      job_ = &fn;
+      ntasks_ = ntasks;
+      next_.store(0);
+      active_ = int(workers_.size());
+      ++generation_;
+    }
+    cv_.notify_all();
+    work();
+    std::unique_lock<std::mutex> l(m_);
+    done_.wait(l, [this] { return active_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void work() {
+    for (int t; (t = next_.fetch_add(1)) < ntasks_;) (*job_)(t);
+  }
+  void loop() {
+    uint64_t seen = 0;
+    while (true) {
+      {
+        std::unique_lock<std::mutex> l(m_);
+        cv_.wait(l, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+      }
+      work();
+      std::lock_guard<std::mutex> l(m_);
+      if (--active_ == 0) done_.notify_one();
+    }
+  }
+  std::vector<std::thread> workers_;
+  std::mutex m_, run_m_;
+  std::condition_variable cv_, done_;
+  const std::function<void(int)>* job_ = nullptr;
+  int ntasks_ = 0, active_ = 0;
+  std::atomic<int> next_{0};
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+std::mutex pool_m;
+std::unique_ptr<Pool> pool_;
+
+Pool& pool() {
+  std::lock_guard<std::mutex> l(pool_m);
+  if (!pool_) pool_ = std::make_unique<Pool>(usable_cpus());
+  return *pool_;
+}
+
+// Split [0, n) into about `threads * per_thread` contiguous ranges (at least `grain` items each) and run fn on them.
+template <typename F>
+void parallel_for(int64_t n, int64_t grain, F&& fn, int per_thread = 1) {
+  if (n <= 0) return;
+  int64_t tasks = std::min<int64_t>((n + grain - 1) / grain, int64_t(pool().threads()) * per_thread);
+  tasks = std::max<int64_t>(tasks, 1);
+  int64_t step = (n + tasks - 1) / tasks;
+  std::function<void(int)> f = [&](int t) {
+    int64_t b = t * step, e = std::min(n, b + step);
+    if (b < e) fn(b, e);
+  };
+  pool().run(int(tasks), f);
+}
+
+// exp(x) for float32 in a form the compiler vectorizes (Cephes' expf polynomial, ~1 ulp); x is clamped to [-87, 88].
+inline float fast_exp(float x) {
+  x = std::min(88.0f, std::max(-87.0f, x));
+  float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (int32_t(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  return p * two_n;
+}
+
+// Row starts of an evaluated array seen as (rows, last axis); `copy` holds a packed copy when the last axis is strided.
+struct Rows {
+  const float* data = nullptr;
+  std::vector<int64_t> offsets;
+  std::vector<float> copy;
+  int64_t n = 0, d = 0;
+  const float* row(int64_t r) const { return data + offsets[r]; }
+};
+
+Rows rows_of(const mx::array& a) {
+  Rows out;
+  out.d = a.ndim() ? a.shape(-1) : 1;
+  out.n = out.d ? int64_t(a.size()) / out.d : 0;
+  out.offsets.resize(out.n);
+  const float* base = a.data<float>();
+  const auto& shape = a.shape();
+  const auto& strides = a.strides();
+  int nd = int(a.ndim());
+  bool packed_last = nd == 0 || strides[nd - 1] == 1 || out.d == 1;
+  if (a.flags().row_contiguous) {
+    for (int64_t r = 0; r < out.n; ++r) out.offsets[r] = r * out.d;
+    out.data = base;
+    return out;
+  }
+  for (int64_t r = 0; r < out.n; ++r) {
+    int64_t idx = r, off = 0;
+    for (int ax = nd - 2; ax >= 0; --ax) {
+      off += (idx % shape[ax]) * strides[ax];
+      idx /= shape[ax];
+    }
+    out.offsets[r] = off;
+  }
+  out.data = base;
+  if (!packed_last) {   // gather the strided last axis into a packed copy
+    int64_t s = strides[nd - 1];
+    out.copy.resize(out.n * out.d);
+    for (int64_t r = 0; r < out.n; ++r)
+      for (int64_t j = 0; j < out.d; ++j) out.copy[r * out.d + j] = base[out.offsets[r] + j * s];
+    for (int64_t r = 0; r < out.n; ++r) out.offsets[r] = r * out.d;
+    out.data = out.copy.data();
+  }
+  return out;
+}
+
+mx::Stream cpu_stream() { return mx::default_stream(mx::Device::cpu); }
+
+void check_float(const mx::array& a, const char* what) {
+  if (!mx::issubdtype(a.dtype(), mx::floating))
+    throw std::invalid_argument(std::string("efficientai engine: ") + what + " must be a floating-point array");
+}
+
+mx::array as_f32(const mx::array& a, mx::Stream s) {
+  return a.dtype() == mx::float32 ? a : mx::astype(a, mx::float32, s);
+}
+
+mx::array back_to(const mx::array& a, mx::Dtype dtype, mx::Stream s) {
+  return dtype == mx::float32 ? a : mx::astype(a, dtype, s);
+}
+
+void alloc(mx::array& out) { out.set_data(mx::allocator::malloc(out.nbytes())); }
+
+}  // namespace
+
+int engine_threads() { return pool().threads(); }
+
+void set_engine_threads(int n) {
+  std::lock_guard<std::mutex> l(pool_m);
+  pool_ = std::make_unique<Pool>(n > 0 ? n : usable_cpus());
+}
+
+void parallel_tasks(int ntasks, const std::function<void(int)>& fn) { pool().run(ntasks, fn); }
+
+// ================================================================ RMSNorm
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps) {
+  check_float(x, "x");
+  if (x.ndim() == 0 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1))
+    throw std::invalid_argument("efficientai engine rms_norm: weight must have shape (x.shape[-1],)");
+  auto s = cpu_stream();
+  auto out = mx::array(x.shape(), mx::float32, std::make_shared<RMSNorm>(s, eps),
+                       {as_f32(x, s), as_f32(weight, s)});
+  return back_to(out, x.dtype(), s);
+}
+
+void RMSNorm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& out = outputs[0];
+  alloc(out);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  enc.set_input_array(inputs[0]);
+  enc.set_input_array(inputs[1]);
+  enc.set_output_array(out);
+  enc.dispatch([x = inputs[0], w = inputs[1], o = out.data<float>(), eps = eps_]() {
+    Rows xr = rows_of(x), wr = rows_of(w);
+    const float* wp = wr.row(0);
+    int64_t d = xr.d;
+    parallel_for(xr.n, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const float* xp = xr.row(r);
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t j = 0; j < d; ++j) ss += xp[j] * xp[j];
+        float inv = 1.0f / std::sqrt(ss / float(d) + eps);
+        float* op = o + r * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) op[j] = wp[j] * (xp[j] * inv);
+      }
+    });
+  });
+}
+
+std::vector<mx::array> RMSNorm::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                                    const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  const auto& x = primals[0];
+  const auto& w = primals[1];
+  auto grads = mx::array::make_arrays({x.shape(), w.shape()}, {mx::float32, mx::float32},
+                                      std::make_shared<RMSNormVJP>(stream(), eps_), {x, w, cotangents[0]});
+  std::vector<mx::array> vjps;
+  for (int a : argnums) vjps.push_back(grads[a]);
+  return vjps;
+}
+
+bool RMSNorm::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const RMSNorm*>(&other);
+  return o && o->eps_ == eps_;
+}
+
+void RMSNormVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& dx = outputs[0];
+  auto& dw = outputs[1];
+  alloc(dx);
+  alloc(dw);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) enc.set_input_array(a);
+  enc.set_output_array(dx);
+  enc.set_output_array(dw);
+  enc.dispatch([x = inputs[0], w = inputs[1], g = inputs[2], dxp = dx.data<float>(), dwp = dw.data<float>(),
+                eps = eps_]() {
+    Rows xr = rows_of(x), wr = rows_of(w), gr = rows_of(g);
+    const float* wp = wr.row(0);
+    int64_t d = xr.d, n = xr.n;
+    int tasks = int(std::max<int64_t>(1, std::min<int64_t>(n, engine_threads())));
+    std::vector<float> partial(size_t(tasks) * d, 0.0f);   // each task's share of dw
+    int64_t step = (n + tasks - 1) / tasks;
+    parallel_tasks(tasks, [&](int t) {
+      float* acc = partial.data() + size_t(t) * d;
+      for (int64_t r = t * step; r < std::min(n, (t + 1) * step); ++r) {
+        const float* xp = xr.row(r);
+        const float* gp = gr.row(r);
+        float ss = 0.0f, gwx = 0.0f;
+#pragma omp simd reduction(+ : ss, gwx)
+        for (int64_t j = 0; j < d; ++j) {
+          ss += xp[j] * xp[j];
+          gwx += gp[j] * wp[j] * xp[j];
+        }
+        float inv = 1.0f / std::sqrt(ss / float(d) + eps);
+        float c = inv * inv * inv * gwx / float(d);
+        float* op = dxp + r * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) {
+          op[j] = inv * gp[j] * wp[j] - c * xp[j];
+          acc[j] += gp[j] * xp[j] * inv;
+        }
+      }
+    });
+    for (int64_t j = 0; j < d; ++j) {
+      float s = 0.0f;
+      for (int t = 0; t < tasks; ++t) s += partial[size_t(t) * d + j];
+      dwp[j] = s;
+    }
+  });
+}
+
+// ================================================================ RoPE
+mx::array rope(const mx::array& x, int dims, bool traditional, float base, float scale, int offset) {
+  check_float(x, "x");
+  if (x.ndim() < 2 || dims <= 0 || dims % 2 || dims > x.shape(-1))
+    throw std::invalid_argument("efficientai engine rope: needs x of rank >= 2 and an even dims <= x.shape[-1]");
+  auto s = cpu_stream();
+  auto out = mx::array(x.shape(), mx::float32,
+                       std::make_shared<RoPE>(s, dims, traditional, base, scale, offset, true), {as_f32(x, s)});
+  return back_to(out, x.dtype(), s);
+}
+
+void RoPE::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& out = outputs[0];
+  alloc(out);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  enc.set_input_array(inputs[0]);
+  enc.set_output_array(out);
+  enc.dispatch([x = inputs[0], o = out.data<float>(), dims = dims_, trad = traditional_, base = base_,
+                scale = scale_, offset = offset_, fwd = forward_]() {
+    Rows xr = rows_of(x);
+    int64_t d = xr.d, L = x.shape(-2), half = dims / 2;
+    // the angles of every position, once: cos/sin tables of (L, dims / 2)
+    std::vector<float> cs(size_t(L * half)), sn(size_t(L * half));
+    float log_base = std::log2(base);
+    parallel_for(L, 64, [&](int64_t b, int64_t e) {
+      for (int64_t l = b; l < e; ++l) {
+        float pos = scale * float(offset + l);
+        for (int64_t i = 0; i < half; ++i) {
+          float inv_freq = std::exp2(-float(i) * log_base / float(half));
+          float theta = pos * inv_freq;
+          cs[l * half + i] = std::cos(theta);
+          sn[l * half + i] = fwd ? std::sin(theta) : -std::sin(theta);
+        }
+      }
+    });
+    parallel_for(xr.n, std::max<int64_t>(1, 8192 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const float* xp = xr.row(r);
+        float* op = o + r * d;
+        const float* c = cs.data() + (r % L) * half;
+        const float* sv = sn.data() + (r % L) * half;
+        if (trad) {
+          for (int64_t i = 0; i < half; ++i) {
+            float x1 = xp[2 * i], x2 = xp[2 * i + 1];
+            op[2 * i] = x1 * c[i] - x2 * sv[i];
+            op[2 * i + 1] = x1 * sv[i] + x2 * c[i];
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < half; ++i) {
+            float x1 = xp[i], x2 = xp[i + half];
+            op[i] = x1 * c[i] - x2 * sv[i];
+            op[i + half] = x1 * sv[i] + x2 * c[i];
+          }
+        }
+        for (int64_t j = dims; j < d; ++j) op[j] = xp[j];
+      }
+    });
+  });
+}
+
+std::vector<mx::array> RoPE::vjp(const std::vector<mx::array>&, const std::vector<mx::array>& cotangents,
+                                 const std::vector<int>&, const std::vector<mx::array>&) {
+  // a rotation's transpose is the rotation by minus the angle
+  const auto& g = cotangents[0];
+  auto gf = as_f32(g, stream());
+  return {mx::array(g.shape(), mx::float32,
+                    std::make_shared<RoPE>(stream(), dims_, traditional_, base_, scale_, offset_, !forward_), {gf})};
+}
+
+bool RoPE::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const RoPE*>(&other);
+  return o && o->dims_ == dims_ && o->traditional_ == traditional_ && o->base_ == base_ && o->scale_ == scale_ &&
+         o->offset_ == offset_ && o->forward_ == forward_;
+}
+
+// ================================================================ SwiGLU
+mx::array swiglu(const mx::array& gate, const mx::array& up) {
+  check_float(gate, "gate");
+  check_float(up, "up");
+  if (gate.shape() != up.shape())
+    throw std::invalid_argument("efficientai engine swiglu: gate and up must have the same shape");
+  auto s = cpu_stream();
+  auto dtype = mx::promote_types(gate.dtype(), up.dtype());
+  auto out = mx::array(gate.shape(), mx::float32, std::make_shared<SwiGLU>(s), {as_f32(gate, s), as_f32(up, s)});
+  return back_to(out, dtype, s);
+}
+
+void SwiGLU::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& out = outputs[0];
+  alloc(out);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  enc.set_input_array(inputs[0]);
+  enc.set_input_array(inputs[1]);
+  enc.set_output_array(out);
+  enc.dispatch([g = inputs[0], u = inputs[1], o = out.data<float>()]() {
+    Rows gr = rows_of(g), ur = rows_of(u);
+    int64_t d = gr.d;
+    parallel_for(gr.n, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const float* gp = gr.row(r);
+        const float* up = ur.row(r);
+        float* op = o + r * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) op[j] = gp[j] / (1.0f + fast_exp(-gp[j])) * up[j];
+      }
+    });
+  });
+}
+
+std::vector<mx::array> SwiGLU::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                                   const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  const auto& g = primals[0];
+  auto grads = mx::array::make_arrays({g.shape(), g.shape()}, {mx::float32, mx::float32},
+                                      std::make_shared<SwiGLUVJP>(stream()),
+                                      {g, primals[1], as_f32(cotangents[0], stream())});
+  std::vector<mx::array> vjps;
+  for (int a : argnums) vjps.push_back(grads[a]);
+  return vjps;
+}
+
+void SwiGLUVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& dg = outputs[0];
+  auto& du = outputs[1];
+  alloc(dg);
+  alloc(du);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) enc.set_input_array(a);
+  enc.set_output_array(dg);
+  enc.set_output_array(du);
+  enc.dispatch([g = inputs[0], u = inputs[1], dy = inputs[2], dgp = dg.data<float>(), dup = du.data<float>()]() {
+    Rows gr = rows_of(g), ur = rows_of(u), yr = rows_of(dy);
+    int64_t d = gr.d;
+    parallel_for(gr.n, std::max<int64_t>(1, 8192 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const float* gp = gr.row(r);
+        const float* up = ur.row(r);
+        const float* yp = yr.row(r);
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) {
+          float sg = 1.0f / (1.0f + fast_exp(-gp[j]));
+          dup[r * d + j] = yp[j] * gp[j] * sg;
+          dgp[r * d + j] = yp[j] * up[j] * sg * (1.0f + gp[j] * (1.0f - sg));
+        }
+      }
+    });
+  });
+}
+
+// ================================================================ causal GQA attention
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal) {
+  check_float(q, "q");
+  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4)
+    throw std::invalid_argument("efficientai engine attention: q, k, v must be (B, heads, length, head_dim)");
+  int B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3);
+  int Hkv = k.shape(1), S = k.shape(2);
+  if (k.shape(0) != B || v.shape(0) != B || v.shape(1) != Hkv || v.shape(2) != S || k.shape(3) != D ||
+      v.shape(3) != D || Hkv == 0 || H % Hkv)
+    throw std::invalid_argument("efficientai engine attention: k and v must be (B, kv_heads, S, D) with heads a "
+                                "multiple of kv_heads, and v's head_dim equal to q's");
+  if (causal && L > S) throw std::invalid_argument("efficientai engine attention: causal needs L <= S");
+  auto s = cpu_stream();
+  auto out = mx::array(q.shape(), mx::float32, std::make_shared<Attention>(s, scale, causal),
+                       {as_f32(q, s), as_f32(k, s), as_f32(v, s)});
+  return back_to(out, q.dtype(), s);
+}
+
+void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& out = outputs[0];
+  alloc(out);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) enc.set_input_array(a);
+  enc.set_output_array(out);
+  enc.dispatch([q = inputs[0], k = inputs[1], v = inputs[2], o = out.data<float>(), scale = scale_,
+                causal = causal_]() {
+    Rows qr = rows_of(q), kr = rows_of(k), vr = rows_of(v);
+    int64_t B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3), Hkv = k.shape(1), S = k.shape(2);
+    int64_t rep = H / Hkv, qblock = 8, nblocks = (L + qblock - 1) / qblock;
+    int64_t tasks = B * H * nblocks;
+    parallel_tasks(int(tasks), [&](int t) {
+      int64_t blk = t % nblocks, bh = t / nblocks, b = bh / H, h = bh % H;
+      int64_t kv_row0 = (b * Hkv + h / rep) * S;
+      std::vector<float> p(S), acc(D);
+      for (int64_t l = blk * qblock; l < std::min(L, (blk + 1) * qblock); ++l) {
+        const float* qp = qr.row(bh * L + l);
+        int64_t keys = causal ? std::min<int64_t>(S, l + (S - L) + 1) : S;   // bottom-right aligned, as MLX's
+        float mx_score = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < keys; ++j) {
+          const float* kp = kr.row(kv_row0 + j);
+          float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t c = 0; c < D; ++c) dot += qp[c] * kp[c];
+          p[j] = dot * scale;
+          mx_score = std::max(mx_score, p[j]);
+        }
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < keys; ++j) {
+          p[j] = fast_exp(p[j] - mx_score);
+          sum += p[j];
+        }
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t j = 0; j < keys; ++j) {
+          const float* vp = vr.row(kv_row0 + j);
+          float pj = p[j];
+#pragma omp simd
+          for (int64_t c = 0; c < D; ++c) acc[c] += pj * vp[c];
+        }
+        float inv = 1.0f / sum;
+        float* op = o + (bh * L + l) * D;
+        for (int64_t c = 0; c < D; ++c) op[c] = acc[c] * inv;
+      }
+    });
+  });
+}
+
+std::vector<mx::array> Attention::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                                      const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  // recompute the probabilities with MLX's ops and take the textbook attention backward, grouped by KV head
+  auto s = stream();
+  const auto &q = primals[0], &k = primals[1], &v = primals[2];
+  int B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3), Hkv = k.shape(1), S = k.shape(2);
+  int rep = H / Hkv;
+  auto qg = mx::reshape(q, {B, Hkv, rep, L, D}, s);
+  auto kg = mx::expand_dims(k, 2, s);
+  auto vg = mx::expand_dims(v, 2, s);
+  auto dout = mx::reshape(as_f32(cotangents[0], s), {B, Hkv, rep, L, D}, s);
+  auto scores = mx::multiply(mx::matmul(qg, mx::swapaxes(kg, -1, -2, s), s), mx::array(scale_), s);
+  if (causal_) {
+    auto rows = mx::add(mx::reshape(mx::arange(L, s), {L, 1}, s), mx::array(S - L), s);
+    auto keep = mx::greater_equal(rows, mx::reshape(mx::arange(S, s), {1, S}, s), s);
+    scores = mx::where(keep, scores, mx::array(-std::numeric_limits<float>::infinity()), s);
+  }
+  auto p = mx::softmax(scores, std::vector<int>{-1}, true, s);
+  auto dp = mx::matmul(dout, mx::swapaxes(vg, -1, -2, s), s);
+  auto ds = mx::multiply(p, mx::subtract(dp, mx::sum(mx::multiply(dp, p, s), -1, true, s), s), s);
+  std::vector<mx::array> vjps;
+  for (int a : argnums) {
+    if (a == 0) {
+      auto dq = mx::multiply(mx::matmul(ds, kg, s), mx::array(scale_), s);
+      vjps.push_back(mx::reshape(dq, {B, H, L, D}, s));
+    } else if (a == 1) {
+      auto dk = mx::matmul(mx::swapaxes(ds, -1, -2, s), qg, s);
+      vjps.push_back(mx::multiply(mx::sum(dk, 2, false, s), mx::array(scale_), s));
+    } else {
+      vjps.push_back(mx::sum(mx::matmul(mx::swapaxes(p, -1, -2, s), dout, s), 2, false, s));
+    }
+  }
+  return vjps;
+}
+
+bool Attention::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const Attention*>(&other);
+  return o && o->scale_ == scale_ && o->causal_ == causal_;
+}
+
+}  // namespace efficientai

@@ -1,0 +1,105 @@
+// Fused, multithreaded CPU primitives for MLX: RMSNorm, RoPE, SwiGLU and causal GQA attention, each one node of
+// MLX's graph (a custom mlx::core::Primitive) whose eval_cpu splits rows over a small thread pool.
+// Built by efficientai.quant.engine (nbs/20_quantization/08_engine.ipynb); follows MLX's examples/extensions.
+#pragma once
+
+#include <functional>
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace mx = mlx::core;
+
+namespace efficientai {
+
+// ---------------------------------------------------------------- thread pool
+int engine_threads();             // threads the pool runs on (the process's usable CPUs, or $EFFICIENTAI_ENGINE_THREADS)
+void set_engine_threads(int n);   // resize the pool (n <= 0: back to the default)
+// fn(task) for task in [0, ntasks), spread over the pool; the calling thread works too
+void parallel_tasks(int ntasks, const std::function<void(int)>& fn);
+
+// ---------------------------------------------------------------- ops
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps);
+mx::array rope(const mx::array& x, int dims, bool traditional, float base, float scale, int offset);
+mx::array swiglu(const mx::array& gate, const mx::array& up);
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal);
+
+// ---------------------------------------------------------------- primitives
+class EnginePrimitive : public mx::Primitive {
+ public:
+  using mx::Primitive::Primitive;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("efficientai engine primitives run on the CPU only");
+  }
+};
+
+class RMSNorm : public EnginePrimitive {
+ public:
+  RMSNorm(mx::Stream s, float eps) : EnginePrimitive(s), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "EngineRMSNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+ private:
+  float eps_;
+};
+
+class RMSNormVJP : public EnginePrimitive {   // (x, w, g) -> (dx, dw)
+ public:
+  RMSNormVJP(mx::Stream s, float eps) : EnginePrimitive(s), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "EngineRMSNormVJP"; }
+ private:
+  float eps_;
+};
+
+class RoPE : public EnginePrimitive {
+ public:
+  RoPE(mx::Stream s, int dims, bool traditional, float base, float scale, int offset, bool forward)
+      : EnginePrimitive(s), dims_(dims), traditional_(traditional), base_(base), scale_(scale), offset_(offset),
+        forward_(forward) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "EngineRoPE"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+ private:
+  int dims_;
+  bool traditional_;
+  float base_, scale_;
+  int offset_;
+  bool forward_;   // false: the inverse rotation (the VJP)
+};
+
+class SwiGLU : public EnginePrimitive {
+ public:
+  using EnginePrimitive::EnginePrimitive;
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "EngineSwiGLU"; }
+  bool is_equivalent(const mx::Primitive& other) const override { return typeid(other) == typeid(*this); }
+};
+
+class SwiGLUVJP : public EnginePrimitive {    // (gate, up, dy) -> (dgate, dup)
+ public:
+  using EnginePrimitive::EnginePrimitive;
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "EngineSwiGLUVJP"; }
+};
+
+class Attention : public EnginePrimitive {
+ public:
+  Attention(mx::Stream s, float scale, bool causal) : EnginePrimitive(s), scale_(scale), causal_(causal) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "EngineAttention"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+ private:
+  float scale_;
+  bool causal_;
+};
+
+}  // namespace efficientai
