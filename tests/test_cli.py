@@ -17,6 +17,7 @@ def test_info_reports_backend_blas_and_live_matmul(cli):
     human = cli("info", "--size", "128").stdout
     assert "BLAS" in human and "matmul" in human and "ratio" in human
     assert d["quant_kernels"] and "quantized CPU kernels" in human   # built, loaded, or why not
+    assert d["engine"] and "fused CPU primitives" in human           # the engine's MLX extension: the same
 
 
 def test_config_show_profiles_and_env(cli):

@@ -114,13 +114,22 @@ def build_engine(*, folder: Path | None = None, force: bool = False, compiler: s
 
 # %% ../../nbs/20_quantization/07_engine.ipynb #9cf654b9
 _ENGINE: ModuleType | None = None
+_UNAVAILABLE: DependencyError | None = None     # why load_engine failed in this process (not retried: ops fall back)
 
 def load_engine(*, rebuild: bool = False) -> ModuleType:
     """The extension module, built on first use and imported once per process (`DependencyError` if it can't be built,
     or if it was built against a nanobind whose ABI is not MLX's: then its functions don't take `mx.array`s)."""
-    global _ENGINE
+    global _ENGINE, _UNAVAILABLE
     if _ENGINE is not None and not rebuild: return _ENGINE
-    path = build_engine(force=rebuild)
+    if _UNAVAILABLE is not None and not rebuild: raise _UNAVAILABLE
+    try: mod = _import_engine(build_engine(force=rebuild))
+    except DependencyError as e:
+        _UNAVAILABLE = e
+        raise
+    _ENGINE, _UNAVAILABLE = mod, None
+    return mod
+
+def _import_engine(path: Path) -> ModuleType:
     loader = importlib.machinery.ExtensionFileLoader(ENGINE_MODULE, str(path))
     spec = importlib.util.spec_from_file_location(ENGINE_MODULE, path, loader=loader)
     mod = importlib.util.module_from_spec(spec)
@@ -133,7 +142,6 @@ def load_engine(*, rebuild: bool = False) -> ModuleType:
                                    "then load_engine(rebuild=True)") from e
     if not isinstance(probe, mx.array):
         raise DependencyError("the engine's extension returns no mx.array", where=path, hint="load_engine(rebuild=True)")
-    _ENGINE = mod
     return mod
 
 def engine_off_reason() -> str | None:
@@ -143,9 +151,10 @@ def engine_off_reason() -> str | None:
     return None
 
 def engine_ops() -> ModuleType | None:
-    "The extension's ops where they run (MLX on the CPU, engine on), building them on first use; else None."
-    if _ENGINE is not None and engine_off_reason() is None: return _ENGINE
-    if engine_off_reason() is not None: return None
+    """The extension's ops where they run (MLX on the CPU, engine on), building them on first use; else None (at once
+    after a failed build or import: ops call this every time)."""
+    if engine_off_reason() is not None or _UNAVAILABLE is not None: return None
+    if _ENGINE is not None: return _ENGINE
     try: return load_engine()
     except DependencyError as e:
         log.debug("engine unavailable: %s", e)
@@ -167,6 +176,8 @@ def engine_status() -> str:
         first = next((l.strip() for l in why.splitlines()[1:] if "error" in l.lower()), why.splitlines()[0])
         return f"{where}build with {cxx} failed ({marker}): {first}"
     target = folder / f"engine-{key}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    if target.exists() and _UNAVAILABLE is not None:
+        return f"{where}built but unusable ({target}): {str(_UNAVAILABLE).splitlines()[0]}"
     if target.exists(): return f"{where}built with {cxx}: {target}"
     return f"{where}not built yet (built with {cxx} and CMake on first use)"
 

@@ -1,0 +1,69 @@
+"""The engine's MLX extension as native code: a broken toolchain falls back to MLX's ops (one build attempt per
+process, and `engine_status` says why), nothing is built off the CPU, and the primitives compose with `mx.compile`
+(the decode path compiles the model's step) exactly as MLX's own ops do."""
+import efficientai  # noqa: F401  (first: loads fast BLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from efficientai.errors import DependencyError
+from efficientai.quant import engine as E
+from efficientai.zoo.tiny import TinyLMConfig, build_tiny_lm
+
+
+def test_a_failed_build_is_tried_once_says_why_and_falls_back_to_mlx(monkeypatch, tmp_path):
+    cxx = tmp_path / "c++"
+    cxx.write_text('#!/bin/sh\necho "$@" >> "$0.calls"\necho "engine.cpp:1: error: no <thread>" >&2\nexit 1\n')
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("EFFICIENTAI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(E, "_ENGINE", None)
+    monkeypatch.setattr(E, "_UNAVAILABLE", None)
+    assert E.engine_status().startswith("not built yet")
+    x, w = mx.random.normal((3, 8)), mx.random.normal((8,))
+    for _ in range(3):                                 # every op asks for the engine; the build runs once
+        assert E.engine_ops() is None
+        assert mx.array_equal(E.rms_norm(x, w), mx.fast.rms_norm(x, w, 1e-5))
+        assert mx.array_equal(E.swiglu(x, x), nn.silu(x) * x)
+    assert E.use_engine(build_tiny_lm(TinyLMConfig(num_hidden_layers=1))) == 0
+    calls = (tmp_path / "c++.calls").read_text().splitlines()
+    assert any("CMakeCXXCompilerId" in c for c in calls)        # cmake tried the compiler once...
+    with pytest.raises(DependencyError, match="failed"):
+        E.build_engine()                                         # (the same error at once, from this process's record)
+    E.engine_ops(); E.rms_norm(x, w)
+    assert (tmp_path / "c++.calls").read_text().splitlines()[len(calls):] == ["--version"]  # ...and not again
+    assert next((tmp_path / "cache" / "kernels").glob("engine-*.failed")).read_text()
+    status = E.engine_status()
+    assert "failed" in status and str(cxx) in status, status
+
+
+def test_nothing_is_built_off_the_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("EFFICIENTAI_CACHE", str(tmp_path))
+    monkeypatch.setattr(E, "_ENGINE", None)
+    monkeypatch.setattr(E, "_UNAVAILABLE", None)
+    monkeypatch.setattr(E, "on_cpu", lambda: False)    # this machine has no GPU: ask as one would
+    assert E.engine_ops() is None and E.use_engine(nn.Sequential(nn.RMSNorm(4))) == 0
+    assert not (tmp_path / "kernels").exists()
+    assert E.engine_status().startswith("not used (MLX computes on")
+
+
+def test_the_primitives_compile_and_match_mlx_inside_a_compiled_step():
+    assert E.engine_ops() is not None, E.engine_status()
+    mx.random.seed(3)
+    q, k, v = mx.random.normal((1, 4, 6, 16)), mx.random.normal((1, 2, 6, 16)), mx.random.normal((1, 2, 6, 16))
+    w = mx.random.normal((16,))
+
+    def step(q, k, v, fast):
+        if fast:
+            h = E.attention(E.rope(q, 16, True, 1e4, 1.0, 2), k, v, scale=0.25, mask="causal")
+            return E.swiglu(E.rms_norm(h, w), h)
+        h = mx.fast.scaled_dot_product_attention(mx.fast.rope(q, 16, traditional=True, base=1e4, scale=1.0, offset=2),
+                                                 k, v, scale=0.25, mask="causal")
+        return nn.silu(mx.fast.rms_norm(h, w, 1e-5)) * h
+
+    ref = step(q, k, v, False)
+    compiled = mx.compile(lambda q, k, v: step(q, k, v, True))
+    for _ in range(2):                                 # traced once, then replayed
+        assert mx.allclose(compiled(q, k, v), ref, atol=1e-5)
+    g = mx.grad(mx.compile(lambda q: step(q, k, v, True).sum()))(q)
+    assert mx.allclose(g, mx.grad(lambda q: step(q, k, v, False).sum())(q), atol=1e-4)
