@@ -12,6 +12,8 @@ NB_MODULE(_efficientai_engine, m) {
         "x * rsqrt(mean(x**2, -1) + eps) * weight, as mx.fast.rms_norm (float32 inside)");
   m.def("rope", &efficientai::rope, "x"_a, "dims"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a,
         "rotary position embedding over the last axis, positions along axis -2, as mx.fast.rope");
+  m.def("rope_at", &efficientai::rope_at, "x"_a, "dims"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a,
+        "rope with the offset an integer array of one element, read when the graph runs");
   m.def("swiglu", &efficientai::swiglu, "gate"_a, "up"_a, "silu(gate) * up");
   m.def("attention", &efficientai::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
         "softmax(scale * q @ k.T [causal, bottom-right aligned]) @ v with grouped KV heads, "

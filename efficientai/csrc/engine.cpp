@@ -324,14 +324,28 @@ mx::array rope(const mx::array& x, int dims, bool traditional, float base, float
   return back_to(out, x.dtype(), s);
 }
 
+mx::array rope_at(const mx::array& x, int dims, bool traditional, float base, float scale, const mx::array& offset) {
+  check_float(x, "x");
+  if (x.ndim() < 2 || dims <= 0 || dims % 2 || dims > x.shape(-1))
+    throw std::invalid_argument("efficientai engine rope: needs x of rank >= 2 and an even dims <= x.shape[-1]");
+  if (offset.size() != 1 || !mx::issubdtype(offset.dtype(), mx::integer))
+    throw std::invalid_argument("efficientai engine rope: an array offset must be one integer");
+  auto s = cpu_stream();
+  auto out = mx::array(x.shape(), mx::float32, std::make_shared<RoPE>(s, dims, traditional, base, scale, 0, true),
+                       {as_f32(x, s), mx::astype(mx::reshape(offset, {1}, s), mx::int32, s)});
+  return back_to(out, x.dtype(), s);
+}
+
 void RoPE::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& out = outputs[0];
   alloc(out);
   auto& enc = mx::cpu::get_command_encoder(stream());
-  enc.set_input_array(inputs[0]);
+  for (auto& a : inputs) enc.set_input_array(a);
   enc.set_output_array(out);
+  const int32_t* off_in = inputs.size() > 1 ? inputs[1].data<int32_t>() : nullptr;
   enc.dispatch([x = inputs[0], o = out.data<float>(), dims = dims_, trad = traditional_, base = base_,
-                scale = scale_, offset = offset_, fwd = forward_]() {
+                scale = scale_, offset0 = offset_, off_in, fwd = forward_]() {
+    int64_t offset = offset0 + (off_in ? int64_t(*off_in) : 0);
     Rows xr = rows_of(x);
     int64_t d = xr.d, L = x.shape(-2), half = dims / 2;
     // the angles of every position, once: cos/sin tables of (L, dims / 2)
@@ -374,13 +388,17 @@ void RoPE::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>
   });
 }
 
-std::vector<mx::array> RoPE::vjp(const std::vector<mx::array>&, const std::vector<mx::array>& cotangents,
-                                 const std::vector<int>&, const std::vector<mx::array>&) {
-  // a rotation's transpose is the rotation by minus the angle
+std::vector<mx::array> RoPE::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                                 const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  // a rotation's transpose is the rotation by minus the angle; an offset input gets a zero cotangent
   const auto& g = cotangents[0];
-  auto gf = as_f32(g, stream());
-  return {mx::array(g.shape(), mx::float32,
-                    std::make_shared<RoPE>(stream(), dims_, traditional_, base_, scale_, offset_, !forward_), {gf})};
+  std::vector<mx::array> ins = {as_f32(g, stream())};
+  if (primals.size() > 1) ins.push_back(primals[1]);
+  auto dx = mx::array(g.shape(), mx::float32,
+                      std::make_shared<RoPE>(stream(), dims_, traditional_, base_, scale_, offset_, !forward_), ins);
+  std::vector<mx::array> vjps;
+  for (int a : argnums) vjps.push_back(a == 0 ? dx : mx::zeros_like(primals[a], stream()));
+  return vjps;
 }
 
 bool RoPE::is_equivalent(const mx::Primitive& other) const {

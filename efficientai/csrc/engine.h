@@ -21,6 +21,8 @@ void parallel_tasks(int ntasks, const std::function<void(int)>& fn);
 // ---------------------------------------------------------------- ops
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps);
 mx::array rope(const mx::array& x, int dims, bool traditional, float base, float scale, int offset);
+// the same with the offset an integer array of one element (a compiled decode step's position), read at eval time
+mx::array rope_at(const mx::array& x, int dims, bool traditional, float base, float scale, const mx::array& offset);
 mx::array swiglu(const mx::array& gate, const mx::array& up);
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal);
 
@@ -68,7 +70,7 @@ class RoPE : public EnginePrimitive {
   int dims_;
   bool traditional_;
   float base_, scale_;
-  int offset_;
+  int offset_;     // added to the offset input, when there is one (inputs: x[, int32 offset])
   bool forward_;   // false: the inverse rotation (the VJP)
 };
 

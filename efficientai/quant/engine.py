@@ -191,12 +191,16 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float = 1e-5) -> mx.array:
 # %% ../../nbs/20_quantization/07_engine.ipynb #b0945d9f
 def rope(x: mx.array, dims: int, traditional: bool = False, base: float | None = 10000.0, scale: float = 1.0,
          offset: int | mx.array = 0, freqs: mx.array | None = None) -> mx.array:
-    """`mx.fast.rope` with the same arguments, on the engine where it runs: integer offsets and no custom `freqs`
-    (array offsets, as batched caches give, and custom frequencies take MLX's op)."""
+    """`mx.fast.rope` with the same arguments, on the engine where it runs: integer offsets, or an integer array of one
+    element (a compiled decode step's position, read when the graph runs), and no custom `freqs` (per-row offsets, as
+    batched caches give, and custom frequencies take MLX's op)."""
     ops = engine_ops()
-    if ops is None or freqs is not None or base is None or not isinstance(offset, int) or x.ndim < 2:
+    if ops is None or freqs is not None or base is None or x.ndim < 2:
         return mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset, freqs=freqs)
-    return ops.rope(x, dims, traditional, base, scale, offset)
+    if isinstance(offset, int): return ops.rope(x, dims, traditional, base, scale, offset)
+    if isinstance(offset, mx.array) and offset.size == 1 and mx.issubdtype(offset.dtype, mx.integer):
+        return ops.rope_at(x, dims, traditional, base, scale, offset)
+    return mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset, freqs=freqs)
 
 # %% ../../nbs/20_quantization/07_engine.ipynb #006ae238
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
