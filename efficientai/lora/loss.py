@@ -11,10 +11,14 @@ import efficientai  # first: loads fast BLAS
 import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from .data import Batch, loss_mask
+from .kernels import fast_exp
+from ..models import on_cpu
 
 # %% auto #0
-__all__ = ['head_fn', 'loss_inputs', 'masked_loss', 'dataset_loss']
+__all__ = ['CE_KEEP_LOGITS', 'CE_CHUNK', 'head_fn', 'frozen_head', 'head_cross_entropy', 'loss_inputs', 'masked_loss',
+           'dataset_loss']
 
 # %% ../../nbs/10_lora/03_loss.ipynb #1bb13c4c
 def head_fn(model: nn.Module, tol: float = 1e-4):
@@ -31,6 +35,58 @@ def head_fn(model: nn.Module, tol: float = 1e-4):
     except Exception: ok = False
     return head if ok else None
 
+# %% ../../nbs/10_lora/03_loss.ipynb #5d2b9c47
+CE_KEEP_LOGITS = 1 << 24       # logits (values) kept for the backward; above this, chunks of rows are recomputed
+CE_CHUNK = 1 << 22             # values per recomputed chunk (16 MB of float32)
+
+def _exp_fn(): return fast_exp if on_cpu() else mx.exp
+
+def _ce_forward(logits: mx.array, targets: mx.array, exp) -> mx.array:
+    "Per-row `logsumexp(logits) - logits[target]`."
+    m = mx.stop_gradient(logits.max(-1, keepdims=True))
+    lse = m[:, 0] + mx.log(exp(logits - m).sum(-1))
+    return lse - mx.take_along_axis(logits, targets[:, None], -1)[:, 0]
+
+def _ce_backward(logits: mx.array, targets: mx.array, ce: mx.array, c: mx.array, exp) -> mx.array:
+    "`c * (softmax(logits) - onehot(targets))`, with the softmax from `logsumexp = ce + target logit`."
+    t = targets[:, None]
+    g = exp(logits - (ce[:, None] + mx.take_along_axis(logits, t, -1))) * c[:, None]
+    return mx.put_along_axis(g, t, mx.take_along_axis(g, t, -1) - c[:, None], -1)
+
+def frozen_head(head) -> bool:
+    "Whether `head` (a module, or a bound method such as `embed_tokens.as_linear`) has no trainable parameters."
+    module = getattr(head, "__self__", head)
+    return isinstance(module, nn.Module) and not tree_flatten(module.trainable_parameters())
+
+def head_cross_entropy(head, h: mx.array, targets: mx.array, chunk: int | None = None) -> mx.array:
+    """Per-row cross-entropy of `head(h)` (in float32) against `targets`, `h` of shape (N, hidden); gradient for `h`
+    only (the head must be frozen). `chunk`: rows per recomputed chunk; None keeps the logits for the backward if
+    there are at most `CE_KEEP_LOGITS` of them, else picks chunks of about `CE_CHUNK` values."""
+    exp = _exp_fn()
+    def logits_of(x): return head(x).astype(mx.float32)
+    if chunk is None:
+        vocab = head(h[:1]).shape[-1]
+        chunk = 0 if h.shape[0] * vocab <= CE_KEEP_LOGITS else max(1, CE_CHUNK // vocab)
+    keep = chunk == 0
+
+    @mx.custom_function
+    def ce_fn(x, t):
+        logits = logits_of(x)
+        ce = _ce_forward(logits, t, exp)
+        return (ce, logits) if keep else ce
+
+    @ce_fn.vjp
+    def ce_vjp(primals, cotangent, outputs):
+        x, t = primals
+        if keep: (ce, logits), c = outputs, cotangent[0]
+        else: ce, logits, c = outputs, logits_of(x), cotangent
+        g = _ce_backward(logits, t, ce, c, exp).astype(x.dtype)
+        return mx.vjp(head, [x], [g])[1][0], mx.zeros_like(t)
+
+    if keep: return ce_fn(h, targets)[0]
+    parts = [ce_fn(h[i:i + chunk], targets[i:i + chunk]) for i in range(0, h.shape[0], chunk)]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+
 # %% ../../nbs/10_lora/03_loss.ipynb #b80826fc
 def loss_inputs(batch: Batch, multiple: int = 32) -> tuple[mx.array, mx.array, mx.array, mx.array]:
     "`(inputs, positions, targets, weights)` for `masked_loss`: flat loss positions padded to a multiple of `multiple`."
@@ -43,11 +99,17 @@ def loss_inputs(batch: Batch, multiple: int = 32) -> tuple[mx.array, mx.array, m
     return mx.array(batch.tokens[:, :-1]), mx.array(pos), mx.array(targets), mx.array(weights)
 
 def masked_loss(model: nn.Module, inputs: mx.array, positions: mx.array, targets: mx.array, weights: mx.array,
-                head=None) -> tuple[mx.array, mx.array]:
-    "Mean cross-entropy over the weighted `positions` and the token count (mlx-lm's `(loss, ntoks)`)."
+                head=None, fused: bool = True) -> tuple[mx.array, mx.array]:
+    """Mean cross-entropy over the weighted `positions` and the token count (mlx-lm's `(loss, ntoks)`).
+    `fused`: with a frozen `head`, the cross-entropy is `head_cross_entropy` (same numbers, less work)."""
     if head is not None:
         h = model.model(inputs)
-        logits = head(h.reshape(-1, h.shape[-1])[positions])
+        h = h.reshape(-1, h.shape[-1])[positions]
+        if fused and frozen_head(head):
+            ce = head_cross_entropy(head, h, targets) * weights
+            n = weights.sum()
+            return ce.sum() / n, n
+        logits = head(h)
     else:
         logits = model(inputs)
         logits = logits.reshape(-1, logits.shape[-1])[positions]
