@@ -256,7 +256,8 @@ std::vector<mx::array> RMSNorm::vjp(const std::vector<mx::array>& primals, const
   const auto& x = primals[0];
   const auto& w = primals[1];
   auto grads = mx::array::make_arrays({x.shape(), w.shape()}, {mx::float32, mx::float32},
-                                      std::make_shared<RMSNormVJP>(stream(), eps_), {x, w, cotangents[0]});
+                                      std::make_shared<RMSNormVJP>(stream(), eps_),
+                                      {x, w, as_f32(cotangents[0], stream())});
   std::vector<mx::array> vjps;
   for (int a : argnums) vjps.push_back(grads[a]);
   return vjps;
