@@ -13,7 +13,8 @@ namespace mx = mlx::core;
 namespace efficientai {
 
 // ---------------------------------------------------------------- thread pool
-int engine_threads();             // threads the pool runs on (the process's usable CPUs, or $EFFICIENTAI_ENGINE_THREADS)
+// threads the pool runs on: the process's usable CPUs (its affinity), or $EFFICIENTAI_ENGINE_THREADS
+int engine_threads();
 void set_engine_threads(int n);   // resize the pool (n <= 0: back to the default)
 // fn(task) for task in [0, ntasks), spread over the pool; the calling thread works too
 void parallel_tasks(int ntasks, const std::function<void(int)>& fn);

@@ -1,5 +1,5 @@
-"""MLX's CPU backend runs every element-wise op, norm, RoPE and softmax on one thread, one dispatch per op. Here is an MLX
-C++ extension (`efficientai/csrc`) with fused, multithreaded primitives for the non-matmul half of a transformer
+"""MLX's CPU backend runs every element-wise op, norm, RoPE and softmax on one thread, one dispatch per op. Here is
+an MLX C++ extension (`efficientai/csrc`) with fused, multithreaded primitives for the non-matmul half of a transformer
 (RMSNorm, RoPE, SwiGLU, causal GQA attention), real `mx.array` ops with VJPs, built on first use, checked against
 MLX's own ops, and patched into any mlx-lm llama-family model with `use_engine`.
 
@@ -141,7 +141,8 @@ def _import_engine(path: Path) -> ModuleType:
                               hint="nanobind must be the version MLX was built with (pyproject.toml pins it); "
                                    "then load_engine(rebuild=True)") from e
     if not isinstance(probe, mx.array):
-        raise DependencyError("the engine's extension returns no mx.array", where=path, hint="load_engine(rebuild=True)")
+        raise DependencyError("the engine's extension returns no mx.array", where=path,
+                              hint="load_engine(rebuild=True)")
     return mod
 
 def engine_off_reason() -> str | None:
