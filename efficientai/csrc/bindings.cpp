@@ -18,6 +18,8 @@ NB_MODULE(_efficientai_engine, m) {
   m.def("attention", &efficientai::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
         "softmax(scale * q @ k.T [causal, bottom-right aligned]) @ v with grouped KV heads, "
         "as mx.fast.scaled_dot_product_attention");
+  m.def("attention_masked", &efficientai::attention_masked, "q"_a, "k"_a, "v"_a, "scale"_a, "mask"_a,
+        "attention with a boolean mask broadcastable to (L, S), the same for every batch row and head");
   m.def("threads", &efficientai::engine_threads, "threads the engine's pool runs on");
   m.def("set_threads", &efficientai::set_engine_threads, "n"_a, "resize the pool (n <= 0: the usable CPUs)");
 }

@@ -482,7 +482,8 @@ void SwiGLUVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
 }
 
 // ================================================================ causal GQA attention
-mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal) {
+namespace {
+void check_qkv(const mx::array& q, const mx::array& k, const mx::array& v, bool causal) {
   check_float(q, "q");
   if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4)
     throw std::invalid_argument("efficientai engine attention: q, k, v must be (B, heads, length, head_dim)");
@@ -493,9 +494,32 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
     throw std::invalid_argument("efficientai engine attention: k and v must be (B, kv_heads, S, D) with heads a "
                                 "multiple of kv_heads, and v's head_dim equal to q's");
   if (causal && L > S) throw std::invalid_argument("efficientai engine attention: causal needs L <= S");
+}
+}  // namespace
+
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal) {
+  check_qkv(q, k, v, causal);
   auto s = cpu_stream();
   auto out = mx::array(q.shape(), mx::float32, std::make_shared<Attention>(s, scale, causal),
                        {as_f32(q, s), as_f32(k, s), as_f32(v, s)});
+  return back_to(out, q.dtype(), s);
+}
+
+mx::array attention_masked(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                           const mx::array& mask) {
+  check_qkv(q, k, v, false);
+  int L = q.shape(2), S = k.shape(2);
+  bool leading_ones = true;
+  for (int ax = 0; ax + 2 < int(mask.ndim()); ++ax) leading_ones = leading_ones && mask.shape(ax) == 1;
+  if (mask.dtype() != mx::bool_ || mask.ndim() > 4 || !leading_ones)
+    throw std::invalid_argument("efficientai engine attention: the mask must be boolean, broadcastable to (L, S) "
+                                "and the same for every batch row and head");
+  auto s = cpu_stream();
+  auto m2 = mask.ndim() >= 2 ? mx::reshape(mask, {mask.shape(-2), mask.shape(-1)}, s)
+                             : mx::reshape(mask, {1, mask.ndim() ? mask.shape(-1) : 1}, s);
+  m2 = mx::contiguous(mx::broadcast_to(m2, {L, S}, s), false, s);   // (L, S) bytes, row-contiguous
+  auto out = mx::array(q.shape(), mx::float32, std::make_shared<Attention>(s, scale, false),
+                       {as_f32(q, s), as_f32(k, s), as_f32(v, s), m2});
   return back_to(out, q.dtype(), s);
 }
 
@@ -505,8 +529,9 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
   auto& enc = mx::cpu::get_command_encoder(stream());
   for (auto& a : inputs) enc.set_input_array(a);
   enc.set_output_array(out);
+  const bool* mask = inputs.size() > 3 ? inputs[3].data<bool>() : nullptr;   // (L, S), row-contiguous
   enc.dispatch([q = inputs[0], k = inputs[1], v = inputs[2], o = out.data<float>(), scale = scale_,
-                causal = causal_]() {
+                causal = causal_, mask]() {
     Rows qr = rows_of(q), kr = rows_of(k), vr = rows_of(v);
     int64_t B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3), Hkv = k.shape(1), S = k.shape(2);
     int64_t rep = H / Hkv, qblock = 8, nblocks = (L + qblock - 1) / qblock;
@@ -519,7 +544,9 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
         const float* qp = qr.row(bh * L + l);
         int64_t keys = causal ? std::min<int64_t>(S, l + (S - L) + 1) : S;   // bottom-right aligned, as MLX's
         float mx_score = -std::numeric_limits<float>::infinity();
+        const bool* keep = mask ? mask + l * S : nullptr;
         for (int64_t j = 0; j < keys; ++j) {
+          if (keep && !keep[j]) continue;
           const float* kp = kr.row(kv_row0 + j);
           float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
@@ -528,13 +555,13 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
           mx_score = std::max(mx_score, p[j]);
         }
         float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < keys; ++j) {
-          p[j] = fast_exp(p[j] - mx_score);
+          p[j] = keep && !keep[j] ? 0.0f : fast_exp(p[j] - mx_score);
           sum += p[j];
         }
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int64_t j = 0; j < keys; ++j) {
+          if (keep && !keep[j]) continue;
           const float* vp = vr.row(kv_row0 + j);
           float pj = p[j];
 #pragma omp simd
@@ -565,6 +592,8 @@ std::vector<mx::array> Attention::vjp(const std::vector<mx::array>& primals, con
     auto keep = mx::greater_equal(rows, mx::reshape(mx::arange(S, s), {1, S}, s), s);
     scores = mx::where(keep, scores, mx::array(-std::numeric_limits<float>::infinity()), s);
   }
+  if (primals.size() > 3)
+    scores = mx::where(primals[3], scores, mx::array(-std::numeric_limits<float>::infinity()), s);
   auto p = mx::softmax(scores, std::vector<int>{-1}, true, s);
   auto dp = mx::matmul(dout, mx::swapaxes(vg, -1, -2, s), s);
   auto ds = mx::multiply(p, mx::subtract(dp, mx::sum(mx::multiply(dp, p, s), -1, true, s), s), s);
@@ -576,8 +605,10 @@ std::vector<mx::array> Attention::vjp(const std::vector<mx::array>& primals, con
     } else if (a == 1) {
       auto dk = mx::matmul(mx::swapaxes(ds, -1, -2, s), qg, s);
       vjps.push_back(mx::multiply(mx::sum(dk, 2, false, s), mx::array(scale_), s));
-    } else {
+    } else if (a == 2) {
       vjps.push_back(mx::sum(mx::matmul(mx::swapaxes(p, -1, -2, s), dout, s), 2, false, s));
+    } else {
+      vjps.push_back(mx::zeros_like(primals[a], s));   // the mask
     }
   }
   return vjps;

@@ -26,6 +26,9 @@ mx::array rope(const mx::array& x, int dims, bool traditional, float base, float
 mx::array rope_at(const mx::array& x, int dims, bool traditional, float base, float scale, const mx::array& offset);
 mx::array swiglu(const mx::array& gate, const mx::array& up);
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal);
+// the same with a boolean mask broadcastable to (L, S) (True: attend), e.g. a fixed-size KV buffer's written prefix
+mx::array attention_masked(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                           const mx::array& mask);
 
 // ---------------------------------------------------------------- primitives
 class EnginePrimitive : public mx::Primitive {

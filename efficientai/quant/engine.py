@@ -211,15 +211,24 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     return ops.swiglu(gate, up)
 
 # %% ../../nbs/20_quantization/07_engine.ipynb #1c0905e0
+def _shared_bool_mask(mask, q: mx.array, k: mx.array) -> bool:
+    "Whether `mask` is a boolean array the same for every batch row and head, broadcastable to (L, S)."
+    if not isinstance(mask, mx.array) or mask.dtype != mx.bool_ or mask.ndim > 4: return False
+    if any(d != 1 for d in mask.shape[:-2]): return False
+    tail = (1,) * (2 - min(mask.ndim, 2)) + tuple(mask.shape[-2:])
+    return all(m in (1, n) for m, n in zip(tail, (q.shape[2], k.shape[2])))
+
 def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask: str | mx.array | None = None,
               sinks: mx.array | None = None) -> mx.array:
-    """`mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)`: on the engine for `mask` None or
-    "causal" (differentiable in q, k, v), else MLX's."""
+    """`mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)`: on the engine for `mask` None,
+    "causal" or a boolean array shared by every batch row and head (differentiable in q, k, v), else MLX's."""
     ops = engine_ops()
-    plain = mask is None or (isinstance(mask, str) and mask == "causal")
-    if ops is None or not plain or sinks is not None or q.ndim != 4 or (mask == "causal" and q.shape[2] > k.shape[2]):
+    if ops is None or sinks is not None or q.ndim != 4 or k.ndim != 4:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
-    return ops.attention(q, k, v, scale, mask == "causal")
+    if mask is None or (isinstance(mask, str) and mask == "causal" and q.shape[2] <= k.shape[2]):
+        return ops.attention(q, k, v, scale, mask is not None)
+    if _shared_bool_mask(mask, q, k): return ops.attention_masked(q, k, v, scale, mask)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
 
 # %% ../../nbs/20_quantization/07_engine.ipynb #fedcccf0
 _IN_ENGINE = contextvars.ContextVar("efficientai_engine_attention", default=False)
