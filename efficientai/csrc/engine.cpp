@@ -18,6 +18,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 
@@ -617,6 +621,153 @@ std::vector<mx::array> Attention::vjp(const std::vector<mx::array>& primals, con
 bool Attention::is_equivalent(const mx::Primitive& other) const {
   auto* o = dynamic_cast<const Attention*>(&other);
   return o && o->scale_ == scale_ && o->causal_ == causal_;
+}
+
+// ================================================================ GEMV: x (M rows, M small) @ W.T
+// MLX sends a one-row matmul to BLAS sgemm, which packs (copies) the whole weight on every call; a decode step is
+// ~200 of them. Here each output row is a dot product of a weight row read where it lies, four weight rows at a time
+// (four independent FMA chains, vectorised by the compiler: AVX-512/AVX2 where -march allows, NEON on ARM), the
+// rows of the output split over the pool.
+namespace {
+// out[0..3] = dot(x, w0..w3) over K floats
+inline void dot4(const float* x, const float* w0, const float* w1, const float* w2, const float* w3, int64_t K,
+                 float* out) {
+#if defined(__AVX512F__)
+  // two 16-float steps in flight per row: eight independent FMA chains hide the FMA latency
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512 xa = _mm512_loadu_ps(x + k), xb = _mm512_loadu_ps(x + k + 16);
+    a0 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w0 + k), a0);
+    a1 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w1 + k), a1);
+    a2 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w2 + k), a2);
+    a3 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w3 + k), a3);
+    b0 = _mm512_fmadd_ps(xb, _mm512_loadu_ps(w0 + k + 16), b0);
+    b1 = _mm512_fmadd_ps(xb, _mm512_loadu_ps(w1 + k + 16), b1);
+    b2 = _mm512_fmadd_ps(xb, _mm512_loadu_ps(w2 + k + 16), b2);
+    b3 = _mm512_fmadd_ps(xb, _mm512_loadu_ps(w3 + k + 16), b3);
+  }
+  for (; k < K; k += 16) {   // the rest, 16 at a time, the last step masked
+    __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    __m512 xa = _mm512_maskz_loadu_ps(m, x + k);
+    a0 = _mm512_fmadd_ps(xa, _mm512_maskz_loadu_ps(m, w0 + k), a0);
+    a1 = _mm512_fmadd_ps(xa, _mm512_maskz_loadu_ps(m, w1 + k), a1);
+    a2 = _mm512_fmadd_ps(xa, _mm512_maskz_loadu_ps(m, w2 + k), a2);
+    a3 = _mm512_fmadd_ps(xa, _mm512_maskz_loadu_ps(m, w3 + k), a3);
+  }
+  out[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
+  out[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
+  out[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2));
+  out[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3));
+#else
+  // elsewhere (AVX2, NEON, scalar): the compiler vectorises the four reductions
+  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t k = 0; k < K; ++k) {
+    float xv = x[k];
+    a0 += xv * w0[k];
+    a1 += xv * w1[k];
+    a2 += xv * w2[k];
+    a3 += xv * w3[k];
+  }
+  out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
+#endif
+}
+}  // namespace
+
+mx::array linear(const mx::array& x, const mx::array& weight, const std::optional<mx::array>& bias) {
+  if (x.dtype() != mx::float32 || weight.dtype() != mx::float32 || (bias && bias->dtype() != mx::float32))
+    throw std::invalid_argument("efficientai engine linear: x, weight and bias must be float32");
+  if (x.ndim() == 0 || weight.ndim() != 2 || weight.shape(1) != x.shape(-1))
+    throw std::invalid_argument("efficientai engine linear: weight must be (N, K) with K = x.shape[-1]");
+  if (bias && (bias->ndim() != 1 || bias->shape(0) != weight.shape(0)))
+    throw std::invalid_argument("efficientai engine linear: bias must have shape (N,) with N = weight.shape[0]");
+  auto shape = x.shape();
+  shape.back() = weight.shape(0);
+  std::vector<mx::array> ins = {x, weight};
+  if (bias) ins.push_back(*bias);
+  return mx::array(shape, mx::float32, std::make_shared<Gemv>(cpu_stream()), ins);
+}
+
+void Gemv::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& out = outputs[0];
+  alloc(out);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) enc.set_input_array(a);
+  enc.set_output_array(out);
+  const float* bias = inputs.size() > 2 ? inputs[2].data<float>() : nullptr;
+  enc.dispatch([x = inputs[0], w = inputs[1], b = inputs.size() > 2 ? inputs[2] : inputs[1], bias,
+                o = out.data<float>()]() {
+    Rows xr = rows_of(x);
+    int64_t M = xr.n, K = xr.d, N = w.shape(0);
+    // the weight in place: row-contiguous, or rows of unit stride at any row stride; else rows_of (offsets/copy)
+    const float* wbase = w.data<float>();
+    int64_t ldw = K;
+    Rows wr;
+    bool by_rows = false;
+    if (!w.flags().row_contiguous) {
+      if (w.strides()[1] == 1 || K == 1) {
+        ldw = w.strides()[0];
+      } else {
+        wr = rows_of(w);
+        by_rows = true;
+      }
+    }
+    std::vector<float> bcopy;
+    const float* bp = bias;
+    if (bp && b.strides()[0] != 1 && N > 1) {   // a strided bias (a view): packed copy of its N floats
+      bcopy.resize(N);
+      for (int64_t n = 0; n < N; ++n) bcopy[n] = bias[n * b.strides()[0]];
+      bp = bcopy.data();
+    }
+    auto wrow = [&](int64_t n) { return by_rows ? wr.row(n) : wbase + n * ldw; };
+    // tasks of whole groups of four rows, about 256 KB of weights each, up to 4 a thread (balance on a busy machine)
+    int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(K, 1));
+    parallel_for((N + 3) / 4, grain, [&](int64_t q0, int64_t q1) {
+      int64_t n = q0 * 4, n1 = std::min(N, q1 * 4);
+      for (; n + 4 <= n1; n += 4) {
+        const float *w0 = wrow(n), *w1 = wrow(n + 1), *w2 = wrow(n + 2), *w3 = wrow(n + 3);
+        for (int64_t m = 0; m < M; ++m) {
+          float* op = o + m * N + n;
+          dot4(xr.row(m), w0, w1, w2, w3, K, op);
+          if (bp)
+            for (int i = 0; i < 4; ++i) op[i] += bp[n + i];
+        }
+      }
+      for (; n < n1; ++n) {
+        const float* wp = wrow(n);
+        for (int64_t m = 0; m < M; ++m) {
+          const float* xp = xr.row(m);
+          float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+          for (int64_t k = 0; k < K; ++k) a += xp[k] * wp[k];
+          o[m * N + n] = a + (bp ? bp[n] : 0.0f);
+        }
+      }
+    }, 4);
+  });
+}
+
+std::vector<mx::array> Gemv::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                                 const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  // MLX's own ops: dx = g @ W, dW = g.T @ x over all rows, dbias = the sum of g over rows
+  auto s = stream();
+  const auto &x = primals[0], &w = primals[1];
+  int N = w.shape(0), K = w.shape(1);
+  const auto& g = cotangents[0];
+  std::vector<mx::array> vjps;
+  for (int a : argnums) {
+    if (a == 0) {
+      vjps.push_back(mx::matmul(g, w, s));
+    } else if (a == 1) {
+      auto g2 = mx::reshape(g, {-1, N}, s);
+      vjps.push_back(mx::matmul(mx::transpose(g2, s), mx::reshape(x, {-1, K}, s), s));
+    } else {
+      vjps.push_back(mx::sum(mx::reshape(g, {-1, N}, s), 0, false, s));
+    }
+  }
+  return vjps;
 }
 
 }  // namespace efficientai

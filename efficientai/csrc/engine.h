@@ -1,9 +1,11 @@
-// Fused, multithreaded CPU primitives for MLX: RMSNorm, RoPE, SwiGLU and causal GQA attention, each one node of
+// Fused, multithreaded CPU primitives for MLX: RMSNorm, RoPE, SwiGLU, causal GQA attention and a few-row linear
+// (GEMV), each one node of
 // MLX's graph (a custom mlx::core::Primitive) whose eval_cpu splits rows over a small thread pool.
 // Built by efficientai.quant.engine (nbs/20_quantization/08_engine.ipynb); follows MLX's examples/extensions.
 #pragma once
 
 #include <functional>
+#include <optional>
 
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
@@ -29,6 +31,8 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
 // the same with a boolean mask broadcastable to (L, S) (True: attend), e.g. a fixed-size KV buffer's written prefix
 mx::array attention_masked(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                            const mx::array& mask);
+// x @ weight.T (+ bias) for float32 x (..., K) of few rows and weight (N, K) as nn.Linear stores it, read in place
+mx::array linear(const mx::array& x, const mx::array& weight, const std::optional<mx::array>& bias);
 
 // ---------------------------------------------------------------- primitives
 class EnginePrimitive : public mx::Primitive {
@@ -106,6 +110,16 @@ class Attention : public EnginePrimitive {
  private:
   float scale_;
   bool causal_;
+};
+
+class Gemv : public EnginePrimitive {   // (x, w[, bias]) -> x @ w.T (+ bias), split over output rows
+ public:
+  using EnginePrimitive::EnginePrimitive;
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "EngineGemv"; }
+  bool is_equivalent(const mx::Primitive& other) const override { return typeid(other) == typeid(*this); }
 };
 
 }  // namespace efficientai

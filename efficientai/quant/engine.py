@@ -1,7 +1,8 @@
 """MLX's CPU backend runs every element-wise op, norm, RoPE and softmax on one thread, one dispatch per op. Here is
 an MLX C++ extension (`efficientai/csrc`) with fused, multithreaded primitives for the non-matmul half of a transformer
-(RMSNorm, RoPE, SwiGLU, causal GQA attention), real `mx.array` ops with VJPs, built on first use, checked against
-MLX's own ops, and patched into any mlx-lm llama-family model with `use_engine`.
+(RMSNorm, RoPE, SwiGLU, causal GQA attention) and a GEMV for the few-row linears of decoding, real `mx.array` ops
+with VJPs, built on first use, checked against MLX's own ops, and patched into any mlx-lm llama-family model with
+`use_engine`.
 
 Docs: https://efficientai.github.io/efficientai/20_quantization/engine.html.md"""
 
@@ -25,9 +26,9 @@ from .kernels import _ARCH_FLAG, _FAILED_BUILDS, _compiler_version, _cpu_identit
 log = get_logger("quant.engine")
 
 # %% auto #0
-__all__ = ['log', 'ENGINE_SOURCES', 'ENGINE_MODULE', 'find_cxx', 'engine_key', 'build_engine', 'load_engine', 'engine_off_reason',
-           'engine_ops', 'engine_status', 'rms_norm', 'rope', 'swiglu', 'attention', 'EngineRMSNorm', 'EngineRoPE',
-           'use_engine', 'restore']
+__all__ = ['log', 'ENGINE_SOURCES', 'ENGINE_MODULE', 'GEMV_MAX_ROWS', 'find_cxx', 'engine_key', 'build_engine', 'load_engine',
+           'engine_off_reason', 'engine_ops', 'engine_status', 'rms_norm', 'rope', 'swiglu', 'attention', 'linear',
+           'EngineRMSNorm', 'EngineLinear', 'EngineEmbedding', 'EngineRoPE', 'use_engine', 'restore']
 
 # %% ../../nbs/20_quantization/07_engine.ipynb #810c06a7
 ENGINE_SOURCES = Path(efficientai.__file__).parent / "csrc"
@@ -230,12 +231,38 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask: str 
     if _shared_bool_mask(mask, q, k): return ops.attention_masked(q, k, v, scale, mask)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
 
+# %% ../../nbs/20_quantization/07_engine.ipynb #1efe1e0b
+GEMV_MAX_ROWS = 8          # at most this many rows of x go to the engine's GEMV; more take MLX's matmul (sgemm)
+
+def _gemv_fits(x: mx.array, weight: mx.array, bias: mx.array | None) -> bool:
+    "Whether `x @ weight.T (+ bias)` is a float32 product of few rows the engine's GEMV computes."
+    if x.dtype != mx.float32 or weight.dtype != mx.float32 or weight.ndim != 2 or x.ndim == 0: return False
+    if x.shape[-1] != weight.shape[1] or x.size > GEMV_MAX_ROWS * max(x.shape[-1], 1): return False
+    return bias is None or (bias.dtype == mx.float32 and bias.shape == (weight.shape[0],))
+
+def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """`x @ weight.T (+ bias)`, as `nn.Linear` computes it: on the engine's GEMV for float32 `x` of at most
+    `GEMV_MAX_ROWS` rows (differentiable in all three), else MLX's matmul."""
+    ops = engine_ops()
+    if ops is None or not _gemv_fits(x, weight, bias):
+        return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
+    return ops.linear(x, weight, bias)
+
+
 # %% ../../nbs/20_quantization/07_engine.ipynb #fedcccf0
 _IN_ENGINE = contextvars.ContextVar("efficientai_engine_attention", default=False)
 
 class EngineRMSNorm(nn.RMSNorm):
     "`nn.RMSNorm` on the engine."
     def __call__(self, x): return rms_norm(x, self["weight"], self.eps)
+
+class EngineLinear(nn.Linear):
+    "`nn.Linear` on the engine's GEMV when the input has few rows (a decode step), else as it was."
+    def __call__(self, x): return linear(x, self["weight"], self["bias"] if "bias" in self else None)
+
+class EngineEmbedding(nn.Embedding):
+    "`nn.Embedding` whose `as_linear` (a tied output layer) runs on the engine's GEMV for few rows."
+    def as_linear(self, x): return linear(x, self["weight"])
 
 class EngineRoPE(nn.RoPE):
     "`nn.RoPE` on the engine."
@@ -259,7 +286,8 @@ def _routed_sdpa(original):
     scaled_dot_product_attention._engine_original = original
     return scaled_dot_product_attention
 
-_SUBCLASSES: dict[type, type] = {nn.RMSNorm: EngineRMSNorm, nn.RoPE: EngineRoPE}
+_SUBCLASSES: dict[type, type] = {nn.RMSNorm: EngineRMSNorm, nn.RoPE: EngineRoPE, nn.Linear: EngineLinear,
+                                 nn.Embedding: EngineEmbedding}
 
 def _engine_class(m: nn.Module) -> type | None:
     "The engine subclass for module `m`'s class, made once per class; None where `m` stays as it is."
@@ -279,8 +307,9 @@ def _engine_class(m: nn.Module) -> type | None:
     return sub
 
 def use_engine(model: nn.Module) -> int:
-    """Route `model`'s RMSNorms, RoPEs, gated MLPs and attention through the engine's ops, in place; the number of
-    modules changed (0 where the engine doesn't run: MLX off the CPU, no compiler, or `EFFICIENTAI_ENGINE=0`)."""
+    """Route `model`'s RMSNorms, RoPEs, linears, gated MLPs and attention through the engine's ops, in place; the
+    number of modules changed (0 where the engine doesn't run: MLX off the CPU, no compiler, or
+    `EFFICIENTAI_ENGINE=0`)."""
     if engine_ops() is None: return 0
     n = 0
     for _, m in model.named_modules():
