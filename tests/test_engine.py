@@ -67,3 +67,44 @@ def test_the_primitives_compile_and_match_mlx_inside_a_compiled_step():
         assert mx.allclose(compiled(q, k, v), ref, atol=1e-5)
     g = mx.grad(mx.compile(lambda q: step(q, k, v, True).sum()))(q)
     assert mx.allclose(g, mx.grad(lambda q: step(q, k, v, False).sum())(q), atol=1e-4)
+
+
+def test_use_engine_gemv_inside_the_compiled_decode_step_keeps_mlx_lms_greedy_tokens():
+    """The decode path's one-token linears (and the tied output layer) run on the engine's GEMV inside
+    `compile_decode`'s traced step, and the greedy tokens and logits are plain mlx-lm's."""
+    from mlx_lm.models.cache import make_prompt_cache
+    from efficientai.quant.decode import fast_decode
+    assert E.engine_ops() is not None, E.engine_status()
+    model = build_tiny_lm(TinyLMConfig(num_hidden_layers=2))
+    prompt = mx.random.randint(3, 500, (1, 20), key=mx.random.key(5))
+
+    def greedy(m, n=6):
+        cache = make_prompt_cache(m)
+        y, out = mx.argmax(m(prompt, cache=cache)[:, -1], -1), []
+        for _ in range(n):
+            logits = m(y[:, None], cache=cache)[:, -1]
+            y = mx.argmax(logits, -1)
+            out.append(logits)
+        return mx.concatenate(out)
+
+    plain = greedy(model)
+    assert E.use_engine(model) == 2 * (5 + 7) + 2
+    assert type(model.layers[0].self_attn.q_proj) is E.EngineLinear
+    gemv_calls = []
+    ops = E.engine_ops()
+
+    class Counting:                                    # count the GEMV nodes built while tracing (no mock: real op)
+        def __getattr__(self, name): return getattr(ops, name)
+        def linear(self, *a): gemv_calls.append(a[0].shape); return ops.linear(*a)
+
+    E._ENGINE = Counting()
+    try:
+        with fast_decode(model):
+            fast = greedy(model)
+            assert model._decoder.calls == 6
+    finally:
+        E._ENGINE = ops
+        E.restore(model)
+    assert len(gemv_calls) >= 2 * 7 + 1                # traced once: every block linear and the output layer
+    assert mx.array_equal(mx.argmax(fast, -1), mx.argmax(plain, -1))
+    assert mx.allclose(fast, plain, atol=1e-4, rtol=1e-4), float(mx.abs(fast - plain).max())
