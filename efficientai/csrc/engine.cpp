@@ -16,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -629,49 +630,41 @@ bool Attention::is_equivalent(const mx::Primitive& other) const {
 // (four independent FMA chains, vectorised by the compiler: AVX-512/AVX2 where -march allows, NEON on ARM), the
 // rows of the output split over the pool.
 namespace {
-// out[0..3] = dot(x, w0..w3) over K floats
-inline void dot4(const float* x, const float* w0, const float* w1, const float* w2, const float* w3, int64_t K,
-                 float* out) {
+// out[r] = dot(x, w + r * ldw) over K floats for r < R: R weight rows streamed at once (more rows in flight read
+// memory faster: 4 rows 14.5 GB/s, 16 rows 19 GB/s on one core of the 2-core Xeon), one FMA chain a row
+template <int R>
+inline void dot_rows(const float* x, const float* const* w, int64_t K, float* out) {
 #if defined(__AVX512F__)
-  // two 16-float steps in flight per row: eight independent FMA chains hide the FMA latency
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m512 xa = _mm512_loadu_ps(x + k), xb = _mm512_loadu_ps(x + k + 16);
-    a0 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w0 + k), a0);
-    a1 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w1 + k), a1);
-    a2 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w2 + k), a2);
-    a3 = _mm512_fmadd_ps(xa, _mm512_loadu_ps(w3 + k), a3);
-    b0 = _mm512_fmadd_ps(xb, _mm512_loadu_ps(w0 + k + 16), b0);
-    b1 = _mm512_fmadd_ps(xb, _mm512_loadu_ps(w1 + k + 16), b1);
-    b2 = _mm512_fmadd_ps(xb, _mm512_loadu_ps(w2 + k + 16), b2);
-    b3 = _mm512_fmadd_ps(xb, _mm512_loadu_ps(w3 + k + 16), b3);
+  for (; k + 16 <= K; k += 16) {
+    __m512 xv = _mm512_loadu_ps(x + k);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w[r] + k), acc[r]);
   }
-  for (; k < K; k += 16) {   // the rest, 16 at a time, the last step masked
-    __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
-    __m512 xa = _mm512_maskz_loadu_ps(m, x + k);
-    a0 = _mm512_fmadd_ps(xa, _mm512_maskz_loadu_ps(m, w0 + k), a0);
-    a1 = _mm512_fmadd_ps(xa, _mm512_maskz_loadu_ps(m, w1 + k), a1);
-    a2 = _mm512_fmadd_ps(xa, _mm512_maskz_loadu_ps(m, w2 + k), a2);
-    a3 = _mm512_fmadd_ps(xa, _mm512_maskz_loadu_ps(m, w3 + k), a3);
+  if (k < K) {   // the last K % 16, masked
+    __mmask16 m = __mmask16((1u << (K - k)) - 1);
+    __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(m, w[r] + k), acc[r]);
   }
-  out[0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
-  out[1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
-  out[2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2));
-  out[3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3));
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 #else
-  // elsewhere (AVX2, NEON, scalar): the compiler vectorises the four reductions
-  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+  // elsewhere (AVX2, NEON, scalar): the compiler vectorises the reductions, four rows at a time
+  for (int r0 = 0; r0 < R; r0 += 4) {
+    const float *w0 = w[r0], *w1 = w[std::min(r0 + 1, R - 1)], *w2 = w[std::min(r0 + 2, R - 1)],
+                *w3 = w[std::min(r0 + 3, R - 1)];
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
-  for (int64_t k = 0; k < K; ++k) {
-    float xv = x[k];
-    a0 += xv * w0[k];
-    a1 += xv * w1[k];
-    a2 += xv * w2[k];
-    a3 += xv * w3[k];
+    for (int64_t k = 0; k < K; ++k) {
+      float xv = x[k];
+      a0 += xv * w0[k];
+      a1 += xv * w1[k];
+      a2 += xv * w2[k];
+      a3 += xv * w3[k];
+    }
+    float a[4] = {a0, a1, a2, a3};
+    for (int i = 0; i < 4 && r0 + i < R; ++i) out[r0 + i] = a[i];
   }
-  out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
 #endif
 }
 }  // namespace
@@ -722,29 +715,26 @@ void Gemv::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>
       bp = bcopy.data();
     }
     auto wrow = [&](int64_t n) { return by_rows ? wr.row(n) : wbase + n * ldw; };
-    // tasks of whole groups of four rows, about 256 KB of weights each, up to 4 a thread (balance on a busy machine)
-    int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(K, 1));
-    parallel_for((N + 3) / 4, grain, [&](int64_t q0, int64_t q1) {
-      int64_t n = q0 * 4, n1 = std::min(N, q1 * 4);
-      for (; n + 4 <= n1; n += 4) {
-        const float *w0 = wrow(n), *w1 = wrow(n + 1), *w2 = wrow(n + 2), *w3 = wrow(n + 3);
+    // tasks of whole groups of 16 rows, about 256 KB of weights each, up to 4 a thread (balance on a busy machine)
+    constexpr int G = 16;
+    int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (G * std::max<int64_t>(K, 1)));
+    parallel_for((N + G - 1) / G, grain, [&](int64_t g0, int64_t g1) {
+      int64_t n = g0 * G, n1 = std::min(N, g1 * G);
+      const float* ws[G];
+      float acc[G];
+      auto rows = [&](auto R) {   // R rows from n, every x row
+        constexpr int r_ = decltype(R)::value;
+        for (int r = 0; r < r_; ++r) ws[r] = wrow(n + r);
         for (int64_t m = 0; m < M; ++m) {
+          dot_rows<r_>(xr.row(m), ws, K, acc);
           float* op = o + m * N + n;
-          dot4(xr.row(m), w0, w1, w2, w3, K, op);
-          if (bp)
-            for (int i = 0; i < 4; ++i) op[i] += bp[n + i];
+          for (int r = 0; r < r_; ++r) op[r] = acc[r] + (bp ? bp[n + r] : 0.0f);
         }
-      }
-      for (; n < n1; ++n) {
-        const float* wp = wrow(n);
-        for (int64_t m = 0; m < M; ++m) {
-          const float* xp = xr.row(m);
-          float a = 0.0f;
-#pragma omp simd reduction(+ : a)
-          for (int64_t k = 0; k < K; ++k) a += xp[k] * wp[k];
-          o[m * N + n] = a + (bp ? bp[n] : 0.0f);
-        }
-      }
+        n += r_;
+      };
+      while (n + G <= n1) rows(std::integral_constant<int, G>{});
+      while (n + 4 <= n1) rows(std::integral_constant<int, 4>{});
+      while (n < n1) rows(std::integral_constant<int, 1>{});
     }, 4);
   });
 }
