@@ -17,8 +17,8 @@ from .kernels import fast_exp
 from ..models import on_cpu
 
 # %% auto #0
-__all__ = ['CE_KEEP_LOGITS', 'CE_CHUNK', 'head_fn', 'frozen_head', 'head_cross_entropy', 'loss_inputs', 'masked_loss',
-           'dataset_loss']
+__all__ = ['CE_KEEP_LOGITS', 'CE_CHUNK', 'CE_KEEP_LOGITS_GPU', 'CE_CHUNK_GPU', 'head_fn', 'frozen_head', 'head_cross_entropy',
+           'loss_inputs', 'masked_loss', 'dataset_loss']
 
 # %% ../../nbs/10_lora/03_loss.ipynb #1bb13c4c
 def head_fn(model: nn.Module, tol: float = 1e-4):
@@ -38,6 +38,12 @@ def head_fn(model: nn.Module, tol: float = 1e-4):
 # %% ../../nbs/10_lora/03_loss.ipynb #5d2b9c47
 CE_KEEP_LOGITS = 1 << 24       # logits (values) kept for the backward; above this, chunks of rows are recomputed
 CE_CHUNK = 1 << 22             # values per recomputed chunk (16 MB of float32)
+CE_KEEP_LOGITS_GPU = 1 << 28   # the same on a GPU (1 GB of float32): memory is plentiful, small kernels are not
+CE_CHUNK_GPU = 1 << 26
+
+def _ce_limits() -> tuple[int, int]:
+    "(keep, chunk) for the current device: the CPU's cache-sized chunks, or a GPU's few large ones."
+    return (CE_KEEP_LOGITS, CE_CHUNK) if on_cpu() else (CE_KEEP_LOGITS_GPU, CE_CHUNK_GPU)
 
 def _exp_fn(): return fast_exp if on_cpu() else mx.exp
 
@@ -61,12 +67,14 @@ def frozen_head(head) -> bool:
 def head_cross_entropy(head, h: mx.array, targets: mx.array, chunk: int | None = None) -> mx.array:
     """Per-row cross-entropy of `head(h)` (in float32) against `targets`, `h` of shape (N, hidden); gradient for `h`
     only (the head must be frozen). `chunk`: rows per recomputed chunk; None keeps the logits for the backward if
-    there are at most `CE_KEEP_LOGITS` of them, else picks chunks of about `CE_CHUNK` values."""
+    there are at most `CE_KEEP_LOGITS` of them (`CE_KEEP_LOGITS_GPU` on a GPU), else picks chunks of about
+    `CE_CHUNK` (`CE_CHUNK_GPU`) values."""
     exp = _exp_fn()
     def logits_of(x): return head(x).astype(mx.float32)
     if chunk is None:
         vocab = head(h[:1]).shape[-1]
-        chunk = 0 if h.shape[0] * vocab <= CE_KEEP_LOGITS else max(1, CE_CHUNK // vocab)
+        keep_max, chunk_values = _ce_limits()
+        chunk = 0 if h.shape[0] * vocab <= keep_max else max(1, chunk_values // vocab)
     keep = chunk == 0
 
     @mx.custom_function
