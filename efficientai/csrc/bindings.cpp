@@ -22,7 +22,7 @@ NB_MODULE(_efficientai_engine, m) {
   m.def("attention_masked", &efficientai::attention_masked, "q"_a, "k"_a, "v"_a, "scale"_a, "mask"_a,
         "attention with a boolean mask broadcastable to (L, S), the same for every batch row and head");
   m.def("linear", &efficientai::linear, "x"_a, "weight"_a, "bias"_a = nb::none(),
-        "x @ weight.T (+ bias) for float32 x of few rows and weight (N, K), the weight read in place, rows threaded");
+        "x @ weight.T (+ bias) for x of few rows and weight (N, K) (float32, bfloat16 or float16), read in place");
   m.def("threads", &efficientai::engine_threads, "threads the engine's pool runs on");
   m.def("set_threads", &efficientai::set_engine_threads, "n"_a, "resize the pool (n <= 0: the usable CPUs)");
 }

@@ -630,57 +630,117 @@ bool Attention::is_equivalent(const mx::Primitive& other) const {
 // (four independent FMA chains, vectorised by the compiler: AVX-512/AVX2 where -march allows, NEON on ARM), the
 // rows of the output split over the pool.
 namespace {
-// out[r] = dot(x, w + r * ldw) over K floats for r < R: R weight rows streamed at once (more rows in flight read
-// memory faster: 4 rows 14.5 GB/s, 16 rows 19 GB/s on one core of the 2-core Xeon), one FMA chain a row
-template <int R>
-inline void dot_rows(const float* x, const float* const* w, int64_t K, float* out) {
+#if defined(__AVX512F__)
+// 16 weights from p as float32: float32 as is, bfloat16 widened (its bits are float32's top half), float16 converted
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const mx::bfloat16_t* p) {
+  __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+inline __m512 load16(const mx::float16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+// out[r] = dot(x, w[r]) over K for r < R: R weight rows streamed at once (more rows in flight read memory faster:
+// 4 rows 14.5 GB/s, 16 rows 19 GB/s on one core of the 2-core Xeon), one FMA chain a row; x is float32, w float32,
+// bfloat16 or float16
+template <int R, typename T>
+inline void dot_rows(const float* x, const T* const* w, int64_t K, float* out) {
 #if defined(__AVX512F__)
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     __m512 xv = _mm512_loadu_ps(x + k);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w[r] + k), acc[r]);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(xv, load16(w[r] + k), acc[r]);
   }
-  if (k < K) {   // the last K % 16, masked
-    __mmask16 m = __mmask16((1u << (K - k)) - 1);
-    __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(m, w[r] + k), acc[r]);
+  for (int r = 0; r < R; ++r) {
+    float tail = 0.0f;   // the last K % 16
+    for (int64_t j = k; j < K; ++j) tail += x[j] * static_cast<float>(w[r][j]);
+    out[r] = _mm512_reduce_add_ps(acc[r]) + tail;
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 #else
   // elsewhere (AVX2, NEON, scalar): the compiler vectorises the reductions, four rows at a time
   for (int r0 = 0; r0 < R; r0 += 4) {
-    const float *w0 = w[r0], *w1 = w[std::min(r0 + 1, R - 1)], *w2 = w[std::min(r0 + 2, R - 1)],
-                *w3 = w[std::min(r0 + 3, R - 1)];
+    const T *w0 = w[r0], *w1 = w[std::min(r0 + 1, R - 1)], *w2 = w[std::min(r0 + 2, R - 1)],
+            *w3 = w[std::min(r0 + 3, R - 1)];
     float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
     for (int64_t k = 0; k < K; ++k) {
       float xv = x[k];
-      a0 += xv * w0[k];
-      a1 += xv * w1[k];
-      a2 += xv * w2[k];
-      a3 += xv * w3[k];
+      a0 += xv * static_cast<float>(w0[k]);
+      a1 += xv * static_cast<float>(w1[k]);
+      a2 += xv * static_cast<float>(w2[k]);
+      a3 += xv * static_cast<float>(w3[k]);
     }
     float a[4] = {a0, a1, a2, a3};
     for (int i = 0; i < 4 && r0 + i < R; ++i) out[r0 + i] = a[i];
   }
 #endif
 }
+
+// o (M, N) = x (M rows of K) @ w.T (+ bias), w's rows of type T, the output rows split over the pool
+template <typename T>
+void gemv(const Rows& xr, const mx::array& w, const float* bp, float* o) {
+  int64_t M = xr.n, K = xr.d, N = w.shape(0);
+  // the weight in place: row-contiguous, or rows of unit stride at any row stride; else a packed copy
+  const T* wbase = w.data<T>();
+  int64_t ldw = K;
+  std::vector<T> wcopy;
+  if (!w.flags().row_contiguous) {
+    if (w.strides()[1] == 1 || K == 1) {
+      ldw = w.strides()[0];
+    } else {
+      wcopy.resize(size_t(N * K));
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k) wcopy[n * K + k] = wbase[n * w.strides()[0] + k * w.strides()[1]];
+      wbase = wcopy.data();
+    }
+  }
+  // tasks of whole groups of 16 rows, about 256 KB of weights each, up to 4 a thread (balance on a busy machine)
+  constexpr int G = 16;
+  int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (G * std::max<int64_t>(K * int64_t(sizeof(T)), 1)));
+  parallel_for((N + G - 1) / G, grain, [&](int64_t g0, int64_t g1) {
+    int64_t n = g0 * G, n1 = std::min(N, g1 * G);
+    const T* ws[G];
+    float acc[G];
+    auto rows = [&](auto R) {   // R rows from n, every x row
+      constexpr int r_ = decltype(R)::value;
+      for (int r = 0; r < r_; ++r) ws[r] = wbase + (n + r) * ldw;
+      for (int64_t m = 0; m < M; ++m) {
+        dot_rows<r_>(xr.row(m), ws, K, acc);
+        float* op = o + m * N + n;
+        for (int r = 0; r < r_; ++r) op[r] = acc[r] + (bp ? bp[n + r] : 0.0f);
+      }
+      n += r_;
+    };
+    while (n + G <= n1) rows(std::integral_constant<int, G>{});
+    while (n + 4 <= n1) rows(std::integral_constant<int, 4>{});
+    while (n < n1) rows(std::integral_constant<int, 1>{});
+  }, 4);
+}
 }  // namespace
 
 mx::array linear(const mx::array& x, const mx::array& weight, const std::optional<mx::array>& bias) {
-  if (x.dtype() != mx::float32 || weight.dtype() != mx::float32 || (bias && bias->dtype() != mx::float32))
-    throw std::invalid_argument("efficientai engine linear: x, weight and bias must be float32");
+  auto wt = weight.dtype();
+  if (wt != mx::float32 && wt != mx::bfloat16 && wt != mx::float16)
+    throw std::invalid_argument("efficientai engine linear: weight must be float32, bfloat16 or float16");
+  check_float(x, "x");
+  if (bias) check_float(*bias, "bias");
   if (x.ndim() == 0 || weight.ndim() != 2 || weight.shape(1) != x.shape(-1))
     throw std::invalid_argument("efficientai engine linear: weight must be (N, K) with K = x.shape[-1]");
   if (bias && (bias->ndim() != 1 || bias->shape(0) != weight.shape(0)))
     throw std::invalid_argument("efficientai engine linear: bias must have shape (N,) with N = weight.shape[0]");
   auto shape = x.shape();
   shape.back() = weight.shape(0);
-  std::vector<mx::array> ins = {x, weight};
-  if (bias) ins.push_back(*bias);
-  return mx::array(shape, mx::float32, std::make_shared<Gemv>(cpu_stream()), ins);
+  // x and bias in float32 (few values); the weight as stored, converted as it is read
+  auto s = cpu_stream();
+  std::vector<mx::array> ins = {as_f32(x, s), weight};
+  if (bias) ins.push_back(as_f32(*bias, s));
+  auto out = mx::array(shape, mx::float32, std::make_shared<Gemv>(s), ins);
+  auto dtype = mx::promote_types(x.dtype(), wt);
+  return back_to(out, bias ? mx::promote_types(dtype, bias->dtype()) : dtype, s);
 }
 
 void Gemv::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -693,20 +753,7 @@ void Gemv::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>
   enc.dispatch([x = inputs[0], w = inputs[1], b = inputs.size() > 2 ? inputs[2] : inputs[1], bias,
                 o = out.data<float>()]() {
     Rows xr = rows_of(x);
-    int64_t M = xr.n, K = xr.d, N = w.shape(0);
-    // the weight in place: row-contiguous, or rows of unit stride at any row stride; else rows_of (offsets/copy)
-    const float* wbase = w.data<float>();
-    int64_t ldw = K;
-    Rows wr;
-    bool by_rows = false;
-    if (!w.flags().row_contiguous) {
-      if (w.strides()[1] == 1 || K == 1) {
-        ldw = w.strides()[0];
-      } else {
-        wr = rows_of(w);
-        by_rows = true;
-      }
-    }
+    int64_t N = w.shape(0);
     std::vector<float> bcopy;
     const float* bp = bias;
     if (bp && b.strides()[0] != 1 && N > 1) {   // a strided bias (a view): packed copy of its N floats
@@ -714,28 +761,9 @@ void Gemv::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>
       for (int64_t n = 0; n < N; ++n) bcopy[n] = bias[n * b.strides()[0]];
       bp = bcopy.data();
     }
-    auto wrow = [&](int64_t n) { return by_rows ? wr.row(n) : wbase + n * ldw; };
-    // tasks of whole groups of 16 rows, about 256 KB of weights each, up to 4 a thread (balance on a busy machine)
-    constexpr int G = 16;
-    int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (G * std::max<int64_t>(K, 1)));
-    parallel_for((N + G - 1) / G, grain, [&](int64_t g0, int64_t g1) {
-      int64_t n = g0 * G, n1 = std::min(N, g1 * G);
-      const float* ws[G];
-      float acc[G];
-      auto rows = [&](auto R) {   // R rows from n, every x row
-        constexpr int r_ = decltype(R)::value;
-        for (int r = 0; r < r_; ++r) ws[r] = wrow(n + r);
-        for (int64_t m = 0; m < M; ++m) {
-          dot_rows<r_>(xr.row(m), ws, K, acc);
-          float* op = o + m * N + n;
-          for (int r = 0; r < r_; ++r) op[r] = acc[r] + (bp ? bp[n + r] : 0.0f);
-        }
-        n += r_;
-      };
-      while (n + G <= n1) rows(std::integral_constant<int, G>{});
-      while (n + 4 <= n1) rows(std::integral_constant<int, 4>{});
-      while (n < n1) rows(std::integral_constant<int, 1>{});
-    }, 4);
+    if (w.dtype() == mx::bfloat16) gemv<mx::bfloat16_t>(xr, w, bp, o);
+    else if (w.dtype() == mx::float16) gemv<mx::float16_t>(xr, w, bp, o);
+    else gemv<float>(xr, w, bp, o);
   });
 }
 
@@ -745,14 +773,14 @@ std::vector<mx::array> Gemv::vjp(const std::vector<mx::array>& primals, const st
   auto s = stream();
   const auto &x = primals[0], &w = primals[1];
   int N = w.shape(0), K = w.shape(1);
-  const auto& g = cotangents[0];
+  const auto g = as_f32(cotangents[0], s);
   std::vector<mx::array> vjps;
-  for (int a : argnums) {
+  for (int a : argnums) {   // x and bias are float32 here (the op casts them in); the weight may not be
     if (a == 0) {
-      vjps.push_back(mx::matmul(g, w, s));
+      vjps.push_back(mx::matmul(g, as_f32(w, s), s));
     } else if (a == 1) {
       auto g2 = mx::reshape(g, {-1, N}, s);
-      vjps.push_back(mx::matmul(mx::transpose(g2, s), mx::reshape(x, {-1, K}, s), s));
+      vjps.push_back(back_to(mx::matmul(mx::transpose(g2, s), mx::reshape(x, {-1, K}, s), s), w.dtype(), s));
     } else {
       vjps.push_back(mx::sum(mx::reshape(g, {-1, N}, s), 0, false, s));
     }

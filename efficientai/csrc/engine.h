@@ -31,7 +31,8 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
 // the same with a boolean mask broadcastable to (L, S) (True: attend), e.g. a fixed-size KV buffer's written prefix
 mx::array attention_masked(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                            const mx::array& mask);
-// x @ weight.T (+ bias) for float32 x (..., K) of few rows and weight (N, K) as nn.Linear stores it, read in place
+// x @ weight.T (+ bias) for x (..., K) of few rows and weight (N, K) as nn.Linear stores it (float32, bfloat16 or
+// float16), read in place; float32 inside, the result in the inputs' promoted dtype
 mx::array linear(const mx::array& x, const mx::array& weight, const std::optional<mx::array>& bias);
 
 // ---------------------------------------------------------------- primitives

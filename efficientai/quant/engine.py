@@ -26,9 +26,10 @@ from .kernels import _ARCH_FLAG, _FAILED_BUILDS, _compiler_version, _cpu_identit
 log = get_logger("quant.engine")
 
 # %% auto #0
-__all__ = ['log', 'ENGINE_SOURCES', 'ENGINE_MODULE', 'GEMV_MAX_ROWS', 'find_cxx', 'engine_key', 'build_engine', 'load_engine',
-           'engine_off_reason', 'engine_ops', 'engine_status', 'rms_norm', 'rope', 'swiglu', 'attention', 'linear',
-           'EngineRMSNorm', 'EngineLinear', 'EngineEmbedding', 'EngineRoPE', 'use_engine', 'restore']
+__all__ = ['log', 'ENGINE_SOURCES', 'ENGINE_MODULE', 'GEMV_MAX_ROWS', 'GEMV_WEIGHT_DTYPES', 'find_cxx', 'engine_key',
+           'build_engine', 'load_engine', 'engine_off_reason', 'engine_ops', 'engine_status', 'rms_norm', 'rope',
+           'swiglu', 'attention', 'linear', 'EngineRMSNorm', 'EngineLinear', 'EngineEmbedding', 'EngineRoPE',
+           'use_engine', 'restore']
 
 # %% ../../nbs/20_quantization/07_engine.ipynb #810c06a7
 ENGINE_SOURCES = Path(efficientai.__file__).parent / "csrc"
@@ -234,15 +235,18 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask: str 
 # %% ../../nbs/20_quantization/07_engine.ipynb #1efe1e0b
 GEMV_MAX_ROWS = 8          # at most this many rows of x go to the engine's GEMV; more take MLX's matmul (sgemm)
 
+GEMV_WEIGHT_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
+
 def _gemv_fits(x: mx.array, weight: mx.array, bias: mx.array | None) -> bool:
-    "Whether `x @ weight.T (+ bias)` is a float32 product of few rows the engine's GEMV computes."
-    if x.dtype != mx.float32 or weight.dtype != mx.float32 or weight.ndim != 2 or x.ndim == 0: return False
+    "Whether `x @ weight.T (+ bias)` is a floating-point product of few rows the engine's GEMV computes."
+    if weight.dtype not in GEMV_WEIGHT_DTYPES or weight.ndim != 2 or x.ndim == 0: return False
+    if not mx.issubdtype(x.dtype, mx.floating): return False
     if x.shape[-1] != weight.shape[1] or x.size > GEMV_MAX_ROWS * max(x.shape[-1], 1): return False
-    return bias is None or (bias.dtype == mx.float32 and bias.shape == (weight.shape[0],))
+    return bias is None or (mx.issubdtype(bias.dtype, mx.floating) and bias.shape == (weight.shape[0],))
 
 def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
-    """`x @ weight.T (+ bias)`, as `nn.Linear` computes it: on the engine's GEMV for float32 `x` of at most
-    `GEMV_MAX_ROWS` rows (differentiable in all three), else MLX's matmul."""
+    """`x @ weight.T (+ bias)`, as `nn.Linear` computes it: on the engine's GEMV for `x` of at most `GEMV_MAX_ROWS`
+    rows and a float32, bfloat16 or float16 weight (float32 inside; differentiable in all three), else MLX's matmul."""
     ops = engine_ops()
     if ops is None or not _gemv_fits(x, weight, bias):
         return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
