@@ -108,3 +108,38 @@ def test_use_engine_gemv_inside_the_compiled_decode_step_keeps_mlx_lms_greedy_to
     assert len(gemv_calls) >= 2 * 7 + 1                # traced once: every block linear and the output layer
     assert mx.array_equal(mx.argmax(fast, -1), mx.argmax(plain, -1))
     assert mx.allclose(fast, plain, atol=1e-4, rtol=1e-4), float(mx.abs(fast - plain).max())
+
+
+def test_use_engine_after_compile_decode_traces_the_step_again():
+    """A model already decoding on the compiled step and then routed through the engine must decode on the engine:
+    MLX caches the traced step by input shapes, so without a new trace the old ops would stay (silently)."""
+    from mlx_lm.models.cache import make_prompt_cache
+    from efficientai.quant.decode import compile_decode, restore_decode
+    assert E.engine_ops() is not None, E.engine_status()
+    model = build_tiny_lm(TinyLMConfig(num_hidden_layers=2))
+    prompt = mx.random.randint(3, 500, (1, 20), key=mx.random.key(6))
+
+    def greedy(m, n=3):
+        cache = make_prompt_cache(m)
+        y = mx.argmax(m(prompt, cache=cache)[:, -1], -1)
+        for _ in range(n): y = mx.argmax(m(y[:, None], cache=cache)[:, -1], -1)
+        mx.eval(y)
+
+    assert compile_decode(model)
+    greedy(model)                                      # the step is traced on MLX's own ops
+    gemv_calls, ops = [], E.engine_ops()
+
+    class Counting:                                    # count the GEMV nodes built while tracing (no mock: real op)
+        def __getattr__(self, name): return getattr(ops, name)
+        def linear(self, *a): gemv_calls.append(a[0].shape); return ops.linear(*a)
+
+    E._ENGINE = Counting()
+    try:
+        assert E.use_engine(model) > 0
+        greedy(model)                                  # the prompt (20 rows) takes sgemm; the steps the GEMV
+        assert model._decoder.calls == 3
+    finally:
+        E._ENGINE = ops
+        E.restore(model)
+        restore_decode(model)
+    assert len(gemv_calls) >= 2 * 7 + 1, len(gemv_calls)

@@ -321,6 +321,7 @@ def use_engine(model: nn.Module) -> int:
         if sub is not None and type(m) is not sub:
             m.__class__ = sub
             n += 1
+    if n: _retrace_decode(model)
     return n
 
 def restore(model: nn.Module) -> int:
@@ -331,4 +332,11 @@ def restore(model: nn.Module) -> int:
         if base is not None:
             m.__class__ = base
             n += 1
+    if n: _retrace_decode(model)
     return n
+
+def _retrace_decode(model: nn.Module) -> None:
+    """A compiled decode step (`quant.decode.compile_decode`) traced before the modules changed class would keep
+    the old ops (MLX caches the trace by input shapes): trace it anew."""
+    from .decode import compile_decode, restore_decode
+    if restore_decode(model): compile_decode(model)
