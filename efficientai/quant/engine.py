@@ -338,5 +338,5 @@ def restore(model: nn.Module) -> int:
 def _retrace_decode(model: nn.Module) -> None:
     """A compiled decode step (`quant.decode.compile_decode`) traced before the modules changed class would keep
     the old ops (MLX caches the trace by input shapes): trace it anew."""
-    from .decode import compile_decode, restore_decode
+    from efficientai.quant.decode import compile_decode, restore_decode
     if restore_decode(model): compile_decode(model)
