@@ -528,6 +528,148 @@ mx::array attention_masked(const mx::array& q, const mx::array& k, const mx::arr
   return back_to(out, q.dtype(), s);
 }
 
+namespace {
+constexpr int64_t kTiledRows = 16;   // from this many query rows on, attention transposes the keys first
+
+// A few query rows (a decode step): each row's scores are dot products with the keys where they lie.
+void attention_rows(const Rows& qr, const Rows& kr, const Rows& vr, float* o, int64_t B, int64_t H, int64_t L,
+                    int64_t D, int64_t Hkv, int64_t S, float scale, bool causal, const bool* mask) {
+  int64_t rep = H / Hkv, qblock = 8, nblocks = (L + qblock - 1) / qblock;
+  parallel_tasks(int(B * H * nblocks), [&](int t) {
+    int64_t blk = t % nblocks, bh = t / nblocks, b = bh / H, h = bh % H;
+    int64_t kv_row0 = (b * Hkv + h / rep) * S;
+    std::vector<float> p(S), acc(D);
+    for (int64_t l = blk * qblock; l < std::min(L, (blk + 1) * qblock); ++l) {
+      const float* qp = qr.row(bh * L + l);
+      int64_t keys = causal ? std::min<int64_t>(S, l + (S - L) + 1) : S;   // bottom-right aligned, as MLX's
+      float mx_score = -std::numeric_limits<float>::infinity();
+      const bool* keep = mask ? mask + l * S : nullptr;
+      for (int64_t j = 0; j < keys; ++j) {
+        if (keep && !keep[j]) continue;
+        const float* kp = kr.row(kv_row0 + j);
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t c = 0; c < D; ++c) dot += qp[c] * kp[c];
+        p[j] = dot * scale;
+        mx_score = std::max(mx_score, p[j]);
+      }
+      float sum = 0.0f;
+      for (int64_t j = 0; j < keys; ++j) {
+        p[j] = keep && !keep[j] ? 0.0f : fast_exp(p[j] - mx_score);
+        sum += p[j];
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j = 0; j < keys; ++j) {
+        if (keep && !keep[j]) continue;
+        const float* vp = vr.row(kv_row0 + j);
+        float pj = p[j];
+#pragma omp simd
+        for (int64_t c = 0; c < D; ++c) acc[c] += pj * vp[c];
+      }
+      float inv = 1.0f / sum;
+      float* op = o + (bh * L + l) * D;
+      for (int64_t c = 0; c < D; ++c) op[c] = acc[c] * inv;
+    }
+  });
+}
+
+// Many query rows (a prompt, a training batch): each KV head's keys are first transposed to (D, S) (S padded to 16),
+// so a row's scores come 16 keys at a time as one vector accumulator over the head dimension, and the softmax and
+// the probability-weighted sum of values run over contiguous rows.
+void attention_tiled(const Rows& qr, const Rows& kr, const Rows& vr, float* o, int64_t B, int64_t H, int64_t L,
+                     int64_t D, int64_t Hkv, int64_t S, float scale, bool causal, const bool* mask) {
+  constexpr int64_t W = 16;
+  int64_t rep = H / Hkv, Sp = (S + W - 1) / W * W, qblock = 8, nblocks = (L + qblock - 1) / qblock;
+  std::vector<float> kt(size_t(B * Hkv * D * Sp));
+  parallel_tasks(int(B * Hkv), [&](int t) {
+    float* dst = kt.data() + int64_t(t) * D * Sp;
+    for (int64_t j = 0; j < S; ++j) {
+      const float* kp = kr.row(int64_t(t) * S + j);
+      for (int64_t c = 0; c < D; ++c) dst[c * Sp + j] = kp[c];
+    }
+    for (int64_t c = 0; c < D; ++c) std::fill(dst + c * Sp + S, dst + (c + 1) * Sp, 0.0f);
+  });
+  parallel_tasks(int(B * H * nblocks), [&](int t) {
+    int64_t blk = t % nblocks, bh = t / nblocks, b = bh / H, h = bh % H;
+    int64_t kv = b * Hkv + h / rep, kv_row0 = kv * S;
+    const float* ktp = kt.data() + kv * D * Sp;
+    constexpr int64_t R = 4;                       // query rows at a time: independent accumulators, shared loads
+    std::vector<float> p(R * Sp);
+    for (int64_t l0 = blk * qblock; l0 < std::min(L, (blk + 1) * qblock); l0 += R) {
+      int64_t nr = std::min(R, L - l0);
+      const float* qp[R];
+      int64_t keys[R];
+      for (int64_t r = 0; r < R; ++r) {
+        int64_t l = l0 + std::min(r, nr - 1);       // a short last group repeats its last row (not written out)
+        qp[r] = qr.row(bh * L + l);
+        keys[r] = causal ? std::min<int64_t>(S, l + (S - L) + 1) : S;   // bottom-right aligned, as MLX's
+      }
+      int64_t kmax = keys[R - 1];
+      for (int64_t j0 = 0; j0 < kmax; j0 += W) {
+        float s[R][W] = {};
+        for (int64_t c = 0; c < D; ++c) {
+          const float* kc = ktp + c * Sp + j0;
+          for (int64_t r = 0; r < R; ++r) {
+            float qc = qp[r][c];
+#pragma omp simd
+            for (int64_t jj = 0; jj < W; ++jj) s[r][jj] += qc * kc[jj];
+          }
+        }
+        for (int64_t r = 0; r < R; ++r)
+#pragma omp simd
+          for (int64_t jj = 0; jj < W; ++jj) p[r * Sp + j0 + jj] = s[r][jj] * scale;
+      }
+      float inv[R];
+      for (int64_t r = 0; r < R; ++r) {
+        float* pr = p.data() + r * Sp;
+        const bool* keep = mask ? mask + (l0 + std::min(r, nr - 1)) * S : nullptr;
+        if (keep)
+          for (int64_t j = 0; j < keys[r]; ++j) pr[j] = keep[j] ? pr[j] : -std::numeric_limits<float>::infinity();
+        float mx_score = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx_score)
+        for (int64_t j = 0; j < keys[r]; ++j) mx_score = std::max(mx_score, pr[j]);
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < keys[r]; ++j) {
+          pr[j] = fast_exp(pr[j] - mx_score);
+          sum += pr[j];
+        }
+        if (keep)
+          for (int64_t j = 0; j < keys[r]; ++j) {
+            if (!keep[j]) sum -= pr[j], pr[j] = 0.0f;   // fast_exp clamps: a masked key's exp is ~1e-38, not 0
+          }
+        std::fill(pr + keys[r], pr + kmax, 0.0f);      // keys past a row's causal end weigh nothing
+        inv[r] = 1.0f / sum;
+      }
+      for (int64_t c0 = 0; c0 < D; c0 += W) {      // 16 output columns of R rows, held as R vector accumulators
+        int64_t w = std::min(W, D - c0);
+        float a[R][W] = {};
+        if (w == W) {
+          for (int64_t j = 0; j < kmax; ++j) {
+            const float* vp = vr.row(kv_row0 + j) + c0;
+            for (int64_t r = 0; r < R; ++r) {
+              float pj = p[r * Sp + j];
+#pragma omp simd
+              for (int64_t cc = 0; cc < W; ++cc) a[r][cc] += pj * vp[cc];
+            }
+          }
+        } else {
+          for (int64_t j = 0; j < kmax; ++j) {
+            const float* vp = vr.row(kv_row0 + j) + c0;
+            for (int64_t r = 0; r < R; ++r)
+              for (int64_t cc = 0; cc < w; ++cc) a[r][cc] += p[r * Sp + j] * vp[cc];
+          }
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          float* op = o + (bh * L + l0 + r) * D + c0;
+          for (int64_t cc = 0; cc < w; ++cc) op[cc] = a[r][cc] * inv[r];
+        }
+      }
+    }
+  });
+}
+}  // namespace
+
 void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& out = outputs[0];
   alloc(out);
@@ -539,44 +681,8 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
                 causal = causal_, mask]() {
     Rows qr = rows_of(q), kr = rows_of(k), vr = rows_of(v);
     int64_t B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3), Hkv = k.shape(1), S = k.shape(2);
-    int64_t rep = H / Hkv, qblock = 8, nblocks = (L + qblock - 1) / qblock;
-    int64_t tasks = B * H * nblocks;
-    parallel_tasks(int(tasks), [&](int t) {
-      int64_t blk = t % nblocks, bh = t / nblocks, b = bh / H, h = bh % H;
-      int64_t kv_row0 = (b * Hkv + h / rep) * S;
-      std::vector<float> p(S), acc(D);
-      for (int64_t l = blk * qblock; l < std::min(L, (blk + 1) * qblock); ++l) {
-        const float* qp = qr.row(bh * L + l);
-        int64_t keys = causal ? std::min<int64_t>(S, l + (S - L) + 1) : S;   // bottom-right aligned, as MLX's
-        float mx_score = -std::numeric_limits<float>::infinity();
-        const bool* keep = mask ? mask + l * S : nullptr;
-        for (int64_t j = 0; j < keys; ++j) {
-          if (keep && !keep[j]) continue;
-          const float* kp = kr.row(kv_row0 + j);
-          float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t c = 0; c < D; ++c) dot += qp[c] * kp[c];
-          p[j] = dot * scale;
-          mx_score = std::max(mx_score, p[j]);
-        }
-        float sum = 0.0f;
-        for (int64_t j = 0; j < keys; ++j) {
-          p[j] = keep && !keep[j] ? 0.0f : fast_exp(p[j] - mx_score);
-          sum += p[j];
-        }
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t j = 0; j < keys; ++j) {
-          if (keep && !keep[j]) continue;
-          const float* vp = vr.row(kv_row0 + j);
-          float pj = p[j];
-#pragma omp simd
-          for (int64_t c = 0; c < D; ++c) acc[c] += pj * vp[c];
-        }
-        float inv = 1.0f / sum;
-        float* op = o + (bh * L + l) * D;
-        for (int64_t c = 0; c < D; ++c) op[c] = acc[c] * inv;
-      }
-    });
+    if (L >= kTiledRows) attention_tiled(qr, kr, vr, o, B, H, L, D, Hkv, S, scale, causal, mask);
+    else attention_rows(qr, kr, vr, o, B, H, L, D, Hkv, S, scale, causal, mask);
   });
 }
 
