@@ -574,95 +574,185 @@ void attention_rows(const Rows& qr, const Rows& kr, const Rows& vr, float* o, in
 }
 
 // Many query rows (a prompt, a training batch): each KV head's keys are first transposed to (D, S) (S padded to 16),
-// so a row's scores come 16 keys at a time as one vector accumulator over the head dimension, and the softmax and
-// the probability-weighted sum of values run over contiguous rows.
+// so that four query rows at a time get their scores sixteen keys at a time in vector accumulators, and products
+// with the value (or key) rows run over sixteen output columns at a time, the same way.
+constexpr int64_t W = 16, R = 4;
+
+// (D, Sp) copy of rows [row0, row0 + S) of `r`, zero-padded to Sp columns
+void transpose_rows(const Rows& r, int64_t row0, int64_t S, int64_t D, int64_t Sp, float* dst) {
+  for (int64_t j = 0; j < S; ++j) {
+    const float* p = r.row(row0 + j);
+    for (int64_t c = 0; c < D; ++c) dst[c * Sp + j] = p[c];
+  }
+  for (int64_t c = 0; c < D; ++c) std::fill(dst + c * Sp + S, dst + (c + 1) * Sp, 0.0f);
+}
+
+// out[r * Sp + j] = mul * (a[r] . column j of t) for R rows and j < kmax (rounded up to W); t is (D, Sp)
+void row_products(const float* const* a, const float* t, int64_t D, int64_t Sp, int64_t kmax, float mul, float* out) {
+  for (int64_t j0 = 0; j0 < kmax; j0 += W) {
+    float s[R][W] = {};
+    for (int64_t c = 0; c < D; ++c) {
+      const float* tc = t + c * Sp + j0;
+      for (int64_t r = 0; r < R; ++r) {
+        float ac = a[r][c];
+#pragma omp simd
+        for (int64_t jj = 0; jj < W; ++jj) s[r][jj] += ac * tc[jj];
+      }
+    }
+    for (int64_t r = 0; r < R; ++r)
+#pragma omp simd
+      for (int64_t jj = 0; jj < W; ++jj) out[r * Sp + j0 + jj] = s[r][jj] * mul;
+  }
+}
+
+// out rows r < nr (row stride ld) = mul[r] * sum over j < kmax of w[r * Sp + j] * (row j of m): R rows, 16 columns
+// at a time
+void weighted_rows(const float* w, int64_t Sp, const Rows& m, int64_t row0, int64_t kmax, int64_t D, const float* mul,
+                   int64_t nr, float* out, int64_t ld) {
+  for (int64_t c0 = 0; c0 < D; c0 += W) {
+    int64_t cw = std::min(W, D - c0);
+    float a[R][W] = {};
+    if (cw == W) {
+      for (int64_t j = 0; j < kmax; ++j) {
+        const float* mp = m.row(row0 + j) + c0;
+        for (int64_t r = 0; r < R; ++r) {
+          float wj = w[r * Sp + j];
+#pragma omp simd
+          for (int64_t cc = 0; cc < W; ++cc) a[r][cc] += wj * mp[cc];
+        }
+      }
+    } else {
+      for (int64_t j = 0; j < kmax; ++j) {
+        const float* mp = m.row(row0 + j) + c0;
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t cc = 0; cc < cw; ++cc) a[r][cc] += w[r * Sp + j] * mp[cc];
+      }
+    }
+    for (int64_t r = 0; r < nr; ++r)
+      for (int64_t cc = 0; cc < cw; ++cc) out[r * ld + c0 + cc] = a[r][cc] * mul[r];
+  }
+}
+
+// softmax over each row's first keys[r] scores in place (a boolean mask row's False keys weigh 0), zeros up to kmax;
+// returns 1 / the row's sum in inv[r] (the row is left unnormalised)
+void softmax_rows(float* p, int64_t Sp, const int64_t* keys, int64_t kmax, const bool* const* keep, float* inv) {
+  for (int64_t r = 0; r < R; ++r) {
+    float* pr = p + r * Sp;
+    const bool* kp = keep[r];
+    if (kp)
+      for (int64_t j = 0; j < keys[r]; ++j) pr[j] = kp[j] ? pr[j] : -std::numeric_limits<float>::infinity();
+    float mx_score = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx_score)
+    for (int64_t j = 0; j < keys[r]; ++j) mx_score = std::max(mx_score, pr[j]);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < keys[r]; ++j) {
+      pr[j] = fast_exp(pr[j] - mx_score);
+      sum += pr[j];
+    }
+    if (kp)
+      for (int64_t j = 0; j < keys[r]; ++j) {
+        if (!kp[j]) sum -= pr[j], pr[j] = 0.0f;   // fast_exp clamps: a masked key's exp is ~1e-38, not 0
+      }
+    std::fill(pr + keys[r], pr + kmax, 0.0f);      // keys past a row's causal end weigh nothing
+    inv[r] = 1.0f / sum;
+  }
+}
+
+// The R query rows starting at l0 (a short last group repeats its last row, which is not written out): their row
+// pointers in `a`, key counts (bottom-right aligned causal, as MLX's) and mask rows.
+struct RowGroup {
+  int64_t nr, kmax, keys[R];
+  const bool* keep[R];
+  RowGroup(int64_t l0, int64_t L, int64_t S, bool causal, const bool* mask) {
+    nr = std::min(R, L - l0);
+    for (int64_t r = 0; r < R; ++r) {
+      int64_t l = l0 + std::min(r, nr - 1);
+      keys[r] = causal ? std::min<int64_t>(S, l + (S - L) + 1) : S;
+      keep[r] = mask ? mask + l * S : nullptr;
+    }
+    kmax = keys[R - 1];
+  }
+  void rows(const Rows& x, int64_t row0, const float** out) const {
+    for (int64_t r = 0; r < R; ++r) out[r] = x.row(row0 + std::min(r, nr - 1));
+  }
+};
+
 void attention_tiled(const Rows& qr, const Rows& kr, const Rows& vr, float* o, int64_t B, int64_t H, int64_t L,
                      int64_t D, int64_t Hkv, int64_t S, float scale, bool causal, const bool* mask) {
-  constexpr int64_t W = 16;
   int64_t rep = H / Hkv, Sp = (S + W - 1) / W * W, qblock = 8, nblocks = (L + qblock - 1) / qblock;
   std::vector<float> kt(size_t(B * Hkv * D * Sp));
-  parallel_tasks(int(B * Hkv), [&](int t) {
-    float* dst = kt.data() + int64_t(t) * D * Sp;
-    for (int64_t j = 0; j < S; ++j) {
-      const float* kp = kr.row(int64_t(t) * S + j);
-      for (int64_t c = 0; c < D; ++c) dst[c * Sp + j] = kp[c];
-    }
-    for (int64_t c = 0; c < D; ++c) std::fill(dst + c * Sp + S, dst + (c + 1) * Sp, 0.0f);
-  });
+  parallel_tasks(int(B * Hkv), [&](int t) { transpose_rows(kr, int64_t(t) * S, S, D, Sp, kt.data() + t * D * Sp); });
   parallel_tasks(int(B * H * nblocks), [&](int t) {
     int64_t blk = t % nblocks, bh = t / nblocks, b = bh / H, h = bh % H;
-    int64_t kv = b * Hkv + h / rep, kv_row0 = kv * S;
-    const float* ktp = kt.data() + kv * D * Sp;
-    constexpr int64_t R = 4;                       // query rows at a time: independent accumulators, shared loads
+    int64_t kv = b * Hkv + h / rep;
     std::vector<float> p(R * Sp);
     for (int64_t l0 = blk * qblock; l0 < std::min(L, (blk + 1) * qblock); l0 += R) {
-      int64_t nr = std::min(R, L - l0);
+      RowGroup g(l0, L, S, causal, mask);
       const float* qp[R];
-      int64_t keys[R];
-      for (int64_t r = 0; r < R; ++r) {
-        int64_t l = l0 + std::min(r, nr - 1);       // a short last group repeats its last row (not written out)
-        qp[r] = qr.row(bh * L + l);
-        keys[r] = causal ? std::min<int64_t>(S, l + (S - L) + 1) : S;   // bottom-right aligned, as MLX's
-      }
-      int64_t kmax = keys[R - 1];
-      for (int64_t j0 = 0; j0 < kmax; j0 += W) {
-        float s[R][W] = {};
-        for (int64_t c = 0; c < D; ++c) {
-          const float* kc = ktp + c * Sp + j0;
-          for (int64_t r = 0; r < R; ++r) {
-            float qc = qp[r][c];
-#pragma omp simd
-            for (int64_t jj = 0; jj < W; ++jj) s[r][jj] += qc * kc[jj];
-          }
-        }
-        for (int64_t r = 0; r < R; ++r)
-#pragma omp simd
-          for (int64_t jj = 0; jj < W; ++jj) p[r * Sp + j0 + jj] = s[r][jj] * scale;
-      }
+      g.rows(qr, bh * L + l0, qp);
+      row_products(qp, kt.data() + kv * D * Sp, D, Sp, g.kmax, scale, p.data());
       float inv[R];
-      for (int64_t r = 0; r < R; ++r) {
-        float* pr = p.data() + r * Sp;
-        const bool* keep = mask ? mask + (l0 + std::min(r, nr - 1)) * S : nullptr;
-        if (keep)
-          for (int64_t j = 0; j < keys[r]; ++j) pr[j] = keep[j] ? pr[j] : -std::numeric_limits<float>::infinity();
-        float mx_score = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : mx_score)
-        for (int64_t j = 0; j < keys[r]; ++j) mx_score = std::max(mx_score, pr[j]);
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < keys[r]; ++j) {
-          pr[j] = fast_exp(pr[j] - mx_score);
-          sum += pr[j];
-        }
-        if (keep)
-          for (int64_t j = 0; j < keys[r]; ++j) {
-            if (!keep[j]) sum -= pr[j], pr[j] = 0.0f;   // fast_exp clamps: a masked key's exp is ~1e-38, not 0
+      softmax_rows(p.data(), Sp, g.keys, g.kmax, g.keep, inv);
+      weighted_rows(p.data(), Sp, vr, kv * S, g.kmax, D, inv, g.nr, o + (bh * L + l0) * D, D);
+    }
+  });
+}
+
+// Attention's gradients, per (batch row, KV head) so that the key and value gradients of a head are summed by one
+// task: the probabilities are recomputed as the forward computes them, then dV = Pᵀ dO, dP = dO Vᵀ,
+// dS = P (dP - rowsum(P dP)), dQ = scale dS K, dK = scale dSᵀ Q.
+void attention_backward(const Rows& qr, const Rows& kr, const Rows& vr, const Rows& dr, float* dq, float* dk,
+                        float* dv, int64_t B, int64_t H, int64_t L, int64_t D, int64_t Hkv, int64_t S, float scale,
+                        bool causal, const bool* mask) {
+  int64_t rep = H / Hkv, Sp = (S + W - 1) / W * W;
+  parallel_tasks(int(B * Hkv), [&](int t) {
+    int64_t b = t / Hkv, kv = t;
+    std::vector<float> kt(D * Sp), vt(D * Sp), p(R * Sp), dp(R * Sp);
+    transpose_rows(kr, kv * S, S, D, Sp, kt.data());
+    transpose_rows(vr, kv * S, S, D, Sp, vt.data());
+    float* dkp = dk + kv * S * D;
+    float* dvp = dv + kv * S * D;
+    std::fill(dkp, dkp + S * D, 0.0f);
+    std::fill(dvp, dvp + S * D, 0.0f);
+    for (int64_t h = (kv % Hkv) * rep; h < (kv % Hkv + 1) * rep; ++h) {
+      int64_t bh = b * H + h;
+      for (int64_t l0 = 0; l0 < L; l0 += R) {
+        RowGroup g(l0, L, S, causal, mask);
+        const float *qp[R], *gp[R];
+        g.rows(qr, bh * L + l0, qp);
+        g.rows(dr, bh * L + l0, gp);
+        row_products(qp, kt.data(), D, Sp, g.kmax, scale, p.data());
+        row_products(gp, vt.data(), D, Sp, g.kmax, 1.0f, dp.data());
+        float inv[R], mul[R];
+        softmax_rows(p.data(), Sp, g.keys, g.kmax, g.keep, inv);
+        for (int64_t r = 0; r < R; ++r) {
+          float* pr = p.data() + r * Sp;
+          float* dpr = dp.data() + r * Sp;
+          float delta = 0.0f;
+#pragma omp simd reduction(+ : delta)
+          for (int64_t j = 0; j < g.kmax; ++j) {
+            pr[j] *= inv[r];
+            delta += pr[j] * dpr[j];
           }
-        std::fill(pr + keys[r], pr + kmax, 0.0f);      // keys past a row's causal end weigh nothing
-        inv[r] = 1.0f / sum;
-      }
-      for (int64_t c0 = 0; c0 < D; c0 += W) {      // 16 output columns of R rows, held as R vector accumulators
-        int64_t w = std::min(W, D - c0);
-        float a[R][W] = {};
-        if (w == W) {
-          for (int64_t j = 0; j < kmax; ++j) {
-            const float* vp = vr.row(kv_row0 + j) + c0;
-            for (int64_t r = 0; r < R; ++r) {
-              float pj = p[r * Sp + j];
 #pragma omp simd
-              for (int64_t cc = 0; cc < W; ++cc) a[r][cc] += pj * vp[cc];
+          for (int64_t j = 0; j < g.kmax; ++j) dpr[j] = pr[j] * (dpr[j] - delta);   // dS
+          mul[r] = scale;
+        }
+        weighted_rows(dp.data(), Sp, kr, kv * S, g.kmax, D, mul, g.nr, dq + (bh * L + l0) * D, D);
+        for (int64_t j = 0; j < g.kmax; ++j) {
+          float* dvr = dvp + j * D;
+          float* dkr = dkp + j * D;
+          for (int64_t r = 0; r < g.nr; ++r) {
+            float pj = p[r * Sp + j], sj = dp[r * Sp + j] * scale;
+            const float* gr_ = gp[r];
+            const float* qr_ = qp[r];
+#pragma omp simd
+            for (int64_t c = 0; c < D; ++c) {
+              dvr[c] += pj * gr_[c];
+              dkr[c] += sj * qr_[c];
             }
           }
-        } else {
-          for (int64_t j = 0; j < kmax; ++j) {
-            const float* vp = vr.row(kv_row0 + j) + c0;
-            for (int64_t r = 0; r < R; ++r)
-              for (int64_t cc = 0; cc < w; ++cc) a[r][cc] += p[r * Sp + j] * vp[cc];
-          }
-        }
-        for (int64_t r = 0; r < nr; ++r) {
-          float* op = o + (bh * L + l0 + r) * D + c0;
-          for (int64_t cc = 0; cc < w; ++cc) op[cc] = a[r][cc] * inv[r];
         }
       }
     }
@@ -688,41 +778,30 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
 
 std::vector<mx::array> Attention::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                                       const std::vector<int>& argnums, const std::vector<mx::array>&) {
-  // recompute the probabilities with MLX's ops and take the textbook attention backward, grouped by KV head
   auto s = stream();
-  const auto &q = primals[0], &k = primals[1], &v = primals[2];
-  int B = q.shape(0), H = q.shape(1), L = q.shape(2), D = q.shape(3), Hkv = k.shape(1), S = k.shape(2);
-  int rep = H / Hkv;
-  auto qg = mx::reshape(q, {B, Hkv, rep, L, D}, s);
-  auto kg = mx::expand_dims(k, 2, s);
-  auto vg = mx::expand_dims(v, 2, s);
-  auto dout = mx::reshape(as_f32(cotangents[0], s), {B, Hkv, rep, L, D}, s);
-  auto scores = mx::multiply(mx::matmul(qg, mx::swapaxes(kg, -1, -2, s), s), mx::array(scale_), s);
-  if (causal_) {
-    auto rows = mx::add(mx::reshape(mx::arange(L, s), {L, 1}, s), mx::array(S - L), s);
-    auto keep = mx::greater_equal(rows, mx::reshape(mx::arange(S, s), {1, S}, s), s);
-    scores = mx::where(keep, scores, mx::array(-std::numeric_limits<float>::infinity()), s);
-  }
-  if (primals.size() > 3)
-    scores = mx::where(primals[3], scores, mx::array(-std::numeric_limits<float>::infinity()), s);
-  auto p = mx::softmax(scores, std::vector<int>{-1}, true, s);
-  auto dp = mx::matmul(dout, mx::swapaxes(vg, -1, -2, s), s);
-  auto ds = mx::multiply(p, mx::subtract(dp, mx::sum(mx::multiply(dp, p, s), -1, true, s), s), s);
+  std::vector<mx::array> ins = {primals[0], primals[1], primals[2], as_f32(cotangents[0], s)};
+  if (primals.size() > 3) ins.push_back(primals[3]);
+  auto grads = mx::array::make_arrays({primals[0].shape(), primals[1].shape(), primals[2].shape()},
+                                      {mx::float32, mx::float32, mx::float32},
+                                      std::make_shared<AttentionVJP>(s, scale_, causal_), ins);
   std::vector<mx::array> vjps;
-  for (int a : argnums) {
-    if (a == 0) {
-      auto dq = mx::multiply(mx::matmul(ds, kg, s), mx::array(scale_), s);
-      vjps.push_back(mx::reshape(dq, {B, H, L, D}, s));
-    } else if (a == 1) {
-      auto dk = mx::matmul(mx::swapaxes(ds, -1, -2, s), qg, s);
-      vjps.push_back(mx::multiply(mx::sum(dk, 2, false, s), mx::array(scale_), s));
-    } else if (a == 2) {
-      vjps.push_back(mx::sum(mx::matmul(mx::swapaxes(p, -1, -2, s), dout, s), 2, false, s));
-    } else {
-      vjps.push_back(mx::zeros_like(primals[a], s));   // the mask
-    }
-  }
+  for (int a : argnums) vjps.push_back(a < 3 ? grads[a] : mx::zeros_like(primals[a], s));   // the mask: zero
   return vjps;
+}
+
+void AttentionVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) alloc(out);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) enc.set_input_array(a);
+  for (auto& out : outputs) enc.set_output_array(out);
+  const bool* mask = inputs.size() > 4 ? inputs[4].data<bool>() : nullptr;   // (L, S), row-contiguous
+  enc.dispatch([q = inputs[0], k = inputs[1], v = inputs[2], g = inputs[3], dq = outputs[0].data<float>(),
+                dk = outputs[1].data<float>(), dv = outputs[2].data<float>(), scale = scale_, causal = causal_,
+                mask]() {
+    Rows qr = rows_of(q), kr = rows_of(k), vr = rows_of(v), gr = rows_of(g);
+    attention_backward(qr, kr, vr, gr, dq, dk, dv, q.shape(0), q.shape(1), q.shape(2), q.shape(3), k.shape(1),
+                       k.shape(2), scale, causal, mask);
+  });
 }
 
 bool Attention::is_equivalent(const mx::Primitive& other) const {

@@ -113,6 +113,16 @@ class Attention : public EnginePrimitive {
   bool causal_;
 };
 
+class AttentionVJP : public EnginePrimitive {   // (q, k, v, dout[, mask]) -> (dq, dk, dv)
+ public:
+  AttentionVJP(mx::Stream s, float scale, bool causal) : EnginePrimitive(s), scale_(scale), causal_(causal) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "EngineAttentionVJP"; }
+ private:
+  float scale_;
+  bool causal_;
+};
+
 class Gemv : public EnginePrimitive {   // (x, w[, bias]) -> x @ w.T (+ bias), split over output rows
  public:
   using EnginePrimitive::EnginePrimitive;

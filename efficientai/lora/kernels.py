@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from ..logging import get_logger
 from ..models import on_cpu
+from ..quant.engine import restore as restore_engine, use_engine
 
 log = get_logger(__name__)
 
@@ -140,11 +141,14 @@ def fast_kernels(model: nn.Module, enabled: bool | str = "auto", *, check: bool 
     saved = [(m, name, getattr(m, name)) for m in mods for name in ("swiglu", "scaled_dot_product_attention") if hasattr(m, name)]
     swapped = [(m, type(m)) for _, m in model.named_modules() if type(m) in _QUANT_SWAP]
     before = _probe_logits(model) if check else None
+    routed = 0
     def undo():
+        if routed: restore_engine(model)
         for m, name, f in saved: setattr(m, name, f)
         for m, cls in swapped: m.__class__ = cls
     for m, name, _ in saved: setattr(m, name, fast_swiglu if name == "swiglu" else fast_sdpa)
     for m, cls in swapped: m.__class__ = _QUANT_SWAP[cls]
+    routed = use_engine(model)       # the CPU engine's fused primitives, where it builds (0 elsewhere, or if already on)
     if check:
         err = mx.abs(_probe_logits(model) - before).max().item()
         if not err <= tol * max(1.0, mx.abs(before).max().item()):

@@ -293,21 +293,27 @@ def _routed_sdpa(original):
 _SUBCLASSES: dict[type, type] = {nn.RMSNorm: EngineRMSNorm, nn.RoPE: EngineRoPE, nn.Linear: EngineLinear,
                                  nn.Embedding: EngineEmbedding}
 
+def _route_sdpa(home) -> None:
+    """Wrap `home`'s `scaled_dot_product_attention` (once; again after something else, e.g. `lora.kernels.fast_kernels`
+    leaving, put another function back)."""
+    if not hasattr(home.scaled_dot_product_attention, "_engine_original"):
+        home.scaled_dot_product_attention = _routed_sdpa(home.scaled_dot_product_attention)
+
 def _engine_class(m: nn.Module) -> type | None:
     "The engine subclass for module `m`'s class, made once per class; None where `m` stays as it is."
     cls = type(m)
-    if cls in _SUBCLASSES: return _SUBCLASSES[cls]
-    home = sys.modules.get(cls.__module__)
-    if home is None or not cls.__module__.startswith("mlx_lm.models."): return None
-    if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj")) and getattr(home, "swiglu", None) is not None:
-        call = _mlp_call
-    elif hasattr(m, "rope") and callable(getattr(home, "scaled_dot_product_attention", None)):
-        if not hasattr(home.scaled_dot_product_attention, "_engine_original"):
-            home.scaled_dot_product_attention = _routed_sdpa(home.scaled_dot_product_attention)
-        call = _attention_call
-    else: return None
-    sub = type(f"Engine{cls.__name__}", (cls,), {"__call__": call, "_engine_base": cls, "__module__": __name__})
-    _SUBCLASSES[cls] = sub
+    if cls in _SUBCLASSES.values(): sub = cls                      # routed already
+    elif cls in _SUBCLASSES: sub = _SUBCLASSES[cls]
+    else:
+        home = sys.modules.get(cls.__module__)
+        if home is None or not cls.__module__.startswith("mlx_lm.models."): return None
+        if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj")) and getattr(home, "swiglu", None) is not None:
+            call = _mlp_call
+        elif hasattr(m, "rope") and callable(getattr(home, "scaled_dot_product_attention", None)): call = _attention_call
+        else: return None
+        sub = _SUBCLASSES[cls] = type(f"Engine{cls.__name__}", (cls,), {"__call__": call, "_engine_base": cls,
+                                                                        "__module__": __name__})
+    if sub.__call__ is _attention_call: _route_sdpa(sys.modules[sub._engine_base.__module__])
     return sub
 
 def use_engine(model: nn.Module) -> int:
