@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten, tree_map
 from tqdm.auto import tqdm
 from ..errors import ConfigError, DataError, TrainingError
 from ..models import lm_loss
+from ..quant.engine import restore as restore_engine, use_engine
 from ..checkpoint import fingerprint, has_checkpoint, save_checkpoint, load_checkpoint, load_arrays
 
 # %% auto #0
@@ -137,26 +138,31 @@ def fit(model: nn.Module, loss_fn: Callable[..., mx.array], batches: Iterator[tu
     value_and_grad = grad_fn or nn.value_and_grad(model, loss_fn)   # grad_fn(model, *batch) -> (loss, grads)
     t0 = time.perf_counter()
     model.train()
-    with tqdm(total=steps, initial=start, desc=desc, leave=False, disable=rank != 0) as bar:
-        for step in range(start + 1, steps + 1):
-            loss, grads = value_and_grad(model, *_my_rows(next(batches), rank, size))
-            if size > 1:
-                grads = average_gradients(grads, world)
-                loss = mx.distributed.all_sum(loss, group=world) / size
-            if grad_clip: grads, _ = optim.clip_grad_norm(grads, grad_clip)
-            opt.update(model, grads)
-            if after_step is not None: after_step(model, step)
-            if ema:
-                d = min(ema, (1 + step) / (10 + step))           # warm-up: early steps don't pin the average to the init
-                avg = tree_map(lambda a, w: d * a + (1 - d) * w, avg, model.trainable_parameters())
-            mx.eval(model.parameters(), opt.state, loss, avg)
-            losses.append(loss.item())
-            bar.update(); bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-            if folder is not None and (step % save_every == 0 or step == steps):
-                if rank == 0:
-                    save_checkpoint(folder, model, opt, fingerprint=fp, state={"step": step, "losses": losses},
-                                    arrays={"ema": avg} if ema else None)
-                if size > 1: mx.eval(mx.distributed.all_sum(mx.array(1.0), group=world))   # all wait for the save
+    # an mlx-lm model (a distilled student) trains on the CPU engine's fused primitives where they build; undone after
+    routed = use_engine(model) if type(model).__module__.startswith("mlx_lm.") else 0
+    try:
+        with tqdm(total=steps, initial=start, desc=desc, leave=False, disable=rank != 0) as bar:
+            for step in range(start + 1, steps + 1):
+                loss, grads = value_and_grad(model, *_my_rows(next(batches), rank, size))
+                if size > 1:
+                    grads = average_gradients(grads, world)
+                    loss = mx.distributed.all_sum(loss, group=world) / size
+                if grad_clip: grads, _ = optim.clip_grad_norm(grads, grad_clip)
+                opt.update(model, grads)
+                if after_step is not None: after_step(model, step)
+                if ema:
+                    d = min(ema, (1 + step) / (10 + step))           # warm-up: early steps don't pin the average to the init
+                    avg = tree_map(lambda a, w: d * a + (1 - d) * w, avg, model.trainable_parameters())
+                mx.eval(model.parameters(), opt.state, loss, avg)
+                losses.append(loss.item())
+                bar.update(); bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+                if folder is not None and (step % save_every == 0 or step == steps):
+                    if rank == 0:
+                        save_checkpoint(folder, model, opt, fingerprint=fp, state={"step": step, "losses": losses},
+                                        arrays={"ema": avg} if ema else None)
+                    if size > 1: mx.eval(mx.distributed.all_sum(mx.array(1.0), group=world))   # all wait for the save
+    finally:
+        if routed: restore_engine(model)
     model.eval()
     return FitResult(losses, steps, start, time.perf_counter() - t0, avg)
 
