@@ -56,6 +56,7 @@ inline void cpu_relax() {
 class Pool {
  public:
   explicit Pool(int threads) {
+    if (const char* env = std::getenv("EFFICIENTAI_ENGINE_SPIN_US")) spin_ = std::chrono::microseconds(std::atoi(env));
     for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { loop(); });
   }
   ~Pool() {
@@ -90,14 +91,14 @@ class Pool {
   }
 
  private:
-  static constexpr auto kSpin = std::chrono::microseconds(50);
+  std::chrono::microseconds spin_{50};   // $EFFICIENTAI_ENGINE_SPIN_US: how long a worker spins before it sleeps
   void work() {
     for (int t; (t = next_.fetch_add(1)) < ntasks_;) (*job_)(t);
   }
   void loop() {
     uint64_t seen = 0;
     while (true) {
-      auto until = std::chrono::steady_clock::now() + kSpin;
+      auto until = std::chrono::steady_clock::now() + spin_;
       while (generation_.load(std::memory_order_acquire) == seen && !stop_.load() &&
              std::chrono::steady_clock::now() < until)
         cpu_relax();
