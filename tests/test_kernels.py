@@ -138,3 +138,20 @@ def test_a_failed_build_runs_the_compiler_once_and_says_why(monkeypatch, tmp_pat
     compiles = [c for c in (tmp_path / "cc.calls").read_text().splitlines() if "--version" not in c]
     assert len(compiles) == 1, compiles
     assert "failed" in qk.kernels_status() and "error: no stdint.h" in qk.kernels_status()
+
+
+def test_status_reads_a_failed_build_marker_left_by_another_process(monkeypatch, tmp_path):
+    "A `.failed` marker from another process (none in this one's record), even an empty one, is reported, not a crash."
+    cc = tmp_path / "cc"
+    cc.write_text('#!/bin/sh\necho "qkernels.c:9: Error: bad flag" >&2\nexit 1\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("EFFICIENTAI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(qk, "_KERNELS", None)
+    folder, key = qk._kernels_folder(None), qk.kernel_key(str(cc))
+    marker = folder / f"qkernels-{key}.failed"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("cc -O3 qkernels.c\nqkernels.c:9: Error: bad flag\n")
+    assert "failed" in qk.kernels_status() and "Error: bad flag" in qk.kernels_status()
+    marker.write_text("")
+    assert "failed" in qk.kernels_status() and "(no message)" in qk.kernels_status()

@@ -22,6 +22,7 @@ from ..io import atomic_write
 from ..logging import get_logger
 from ..models import on_cpu
 from .kernels import _ARCH_FLAG, _FAILED_BUILDS, _compiler_version, _cpu_identity, _kernels_folder, _usable_cpus
+from .kernels import _failed_build_line
 
 log = get_logger("quant.engine")
 
@@ -174,9 +175,7 @@ def engine_status() -> str:
     try: key, folder = engine_key(cxx), _kernels_folder(None)
     except DependencyError as e: return where + str(e).splitlines()[0]
     marker = folder / f"engine-{key}.failed"
-    if (folder, key) in _FAILED_BUILDS or marker.exists():
-        why = str(_FAILED_BUILDS[folder, key]) if (folder, key) in _FAILED_BUILDS else marker.read_text()
-        first = next((l.strip() for l in why.splitlines()[1:] if "error" in l.lower()), why.splitlines()[0])
+    if (first := _failed_build_line(folder, key, marker)) is not None:
         return f"{where}build with {cxx} failed ({marker}): {first}"
     target = folder / f"engine-{key}{sysconfig.get_config_var('EXT_SUFFIX')}"
     if target.exists() and _UNAVAILABLE is not None:

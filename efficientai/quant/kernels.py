@@ -319,6 +319,14 @@ def load_kernels(*, rebuild: bool = False, threads: int | None = None) -> Kernel
     if _KERNELS is None or rebuild: _KERNELS = Kernels(build_kernels(force=rebuild), threads=threads)
     return _KERNELS
 
+def _failed_build_line(folder: Path, key: str, marker: Path) -> str | None:
+    """The line that names the error of a failed build of `key` in `folder` (this process's record of it, else the
+    `marker` file a build leaves), or None if it didn't fail; shared by the engine's status."""
+    if (folder, key) not in _FAILED_BUILDS and not marker.exists(): return None
+    why = str(_FAILED_BUILDS[folder, key]) if (folder, key) in _FAILED_BUILDS else marker.read_text(errors="replace")
+    lines = why.splitlines() or ["(no message)"]
+    return next((l.strip() for l in lines[1:] if "error" in l.lower()), lines[0])
+
 def kernels_status() -> str:
     """One line on the CPU kernels: loaded in this process, built, not built yet, or why they can't be (the compiler's
     message of a failed build); and whether MLX computes on the CPU at all (elsewhere they are never used)."""
@@ -329,9 +337,7 @@ def kernels_status() -> str:
     try: key, folder = kernel_key(cc), _kernels_folder(None)
     except DependencyError as e: return where + str(e).splitlines()[0]
     marker = folder / f"qkernels-{key}.failed"
-    if (folder, key) in _FAILED_BUILDS or marker.exists():
-        why = str(_FAILED_BUILDS[folder, key]) if (folder, key) in _FAILED_BUILDS else marker.read_text()
-        first = next((l.strip() for l in why.splitlines()[1:] if "error" in l), why.splitlines()[0])
+    if (first := _failed_build_line(folder, key, marker)) is not None:
         return f"{where}build with {cc} failed ({marker}): {first}"
     if (folder / f"qkernels-{key}.so").exists(): return f"{where}built with {cc}: {folder / f'qkernels-{key}.so'}"
     return f"{where}not built yet (built with {cc} on first use)"
