@@ -26,6 +26,17 @@ def cli():
     return lambda *a, **kw: run([str(BIN / "efficientai"), *a], **kw)
 
 
+def broken_compiler(monkeypatch, tmp_path: Path, env_var: str, message: str) -> Path:
+    """A compiler that logs its arguments to `<path>.calls`, prints `message` to stderr and fails, named by `env_var`
+    ($CC, $CXX), with the toolkit's cache (where builds and their failure markers go) under `tmp_path`."""
+    cc = tmp_path / {"CC": "cc", "CXX": "c++"}.get(env_var, env_var.lower())
+    cc.write_text(f'#!/bin/sh\necho "$@" >> "$0.calls"\necho "{message}" >&2\nexit 1\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv(env_var, str(cc))
+    monkeypatch.setenv("EFFICIENTAI_CACHE", str(tmp_path / "cache"))
+    return cc
+
+
 def ci_output(*parts: str) -> Path:
     "A path in the CI run's output folder; skips the test outside such a run, fails it when CI=true."
     if CI_OUT is None:

@@ -10,13 +10,11 @@ from efficientai.errors import DependencyError
 from efficientai.quant import engine as E
 from efficientai.zoo.tiny import TinyLMConfig, build_tiny_lm
 
+from conftest import broken_compiler
+
 
 def test_a_failed_build_is_tried_once_says_why_and_falls_back_to_mlx(monkeypatch, tmp_path):
-    cxx = tmp_path / "c++"
-    cxx.write_text('#!/bin/sh\necho "$@" >> "$0.calls"\necho "engine.cpp:1: error: no <thread>" >&2\nexit 1\n')
-    cxx.chmod(0o755)
-    monkeypatch.setenv("CXX", str(cxx))
-    monkeypatch.setenv("EFFICIENTAI_CACHE", str(tmp_path / "cache"))
+    cxx = broken_compiler(monkeypatch, tmp_path, "CXX", "engine.cpp:1: error: no <thread>")
     monkeypatch.setattr(E, "_ENGINE", None)
     monkeypatch.setattr(E, "_UNAVAILABLE", None)
     assert E.engine_status().startswith("not built yet")

@@ -10,7 +10,7 @@ import pytest
 from efficientai.errors import ConfigError, ToolkitError
 from efficientai.quant import kernels as qk
 
-from conftest import BIN
+from conftest import BIN, broken_compiler
 
 
 def test_scales_of_another_group_size_are_refused_not_misread():
@@ -125,11 +125,7 @@ def test_prompt_path_leaves_the_kernels_alone_off_the_cpu(monkeypatch, tmp_path)
 
 def test_a_failed_build_runs_the_compiler_once_and_says_why(monkeypatch, tmp_path):
     "A broken toolchain: one compile per process (not one per call), and `kernels_status` (efficientai info) tells why."
-    cc = tmp_path / "cc"
-    cc.write_text('#!/bin/sh\necho "$@" >> "$0.calls"\necho "qkernels.c:9: error: no stdint.h" >&2\nexit 1\n')
-    cc.chmod(0o755)
-    monkeypatch.setenv("CC", str(cc))
-    monkeypatch.setenv("EFFICIENTAI_CACHE", str(tmp_path / "cache"))
+    broken_compiler(monkeypatch, tmp_path, "CC", "qkernels.c:9: error: no stdint.h")
     monkeypatch.setattr(qk, "_KERNELS", None)
     assert qk.kernels_status().startswith("not built yet")
     for _ in range(3):
@@ -142,11 +138,7 @@ def test_a_failed_build_runs_the_compiler_once_and_says_why(monkeypatch, tmp_pat
 
 def test_status_reads_a_failed_build_marker_left_by_another_process(monkeypatch, tmp_path):
     "A `.failed` marker from another process (none in this one's record), even an empty one, is reported, not a crash."
-    cc = tmp_path / "cc"
-    cc.write_text('#!/bin/sh\necho "qkernels.c:9: Error: bad flag" >&2\nexit 1\n')
-    cc.chmod(0o755)
-    monkeypatch.setenv("CC", str(cc))
-    monkeypatch.setenv("EFFICIENTAI_CACHE", str(tmp_path / "cache"))
+    cc = broken_compiler(monkeypatch, tmp_path, "CC", "qkernels.c:9: Error: bad flag")
     monkeypatch.setattr(qk, "_KERNELS", None)
     folder, key = qk._kernels_folder(None), qk.kernel_key(str(cc))
     marker = folder / f"qkernels-{key}.failed"
