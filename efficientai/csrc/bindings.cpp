@@ -1,6 +1,7 @@
 // Python bindings of the engine's ops (nanobind, in MLX's NB_DOMAIN so arrays cross as mx.array).
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/vector.h>
 
 #include "engine.h"
 
@@ -23,6 +24,11 @@ NB_MODULE(_efficientai_engine, m) {
         "attention with a boolean mask broadcastable to (L, S), the same for every batch row and head");
   m.def("linear", &efficientai::linear, "x"_a, "weight"_a, "bias"_a = nb::none(),
         "x @ weight.T (+ bias) for x of few rows and weight (N, K) (float32, bfloat16 or float16), read in place");
+  m.def("quantized_matmul", &efficientai::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a,
+        "bits"_a, "[x @ dequantize(w_i, scales_i, biases_i).T] for MLX affine-quantized matrices that share x, "
+        "on the quantization chapter's fused GEMV (meant for few rows of x)");
+  m.def("quantized_supported", &efficientai::quantized_supported, "k"_a, "bits"_a, "group_size"_a,
+        "whether quantized_matmul runs this layout (K inputs, bits, group size)");
   m.def("threads", &efficientai::engine_threads, "threads the engine's pool runs on");
   m.def("set_threads", &efficientai::set_engine_threads, "n"_a, "resize the pool (n <= 0: the usable CPUs)");
 }

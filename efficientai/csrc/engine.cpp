@@ -27,6 +27,17 @@
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 
+// The quantization chapter's kernels (efficientai/quant/qkernels.c, compiled into this module with QK_EXTERNAL_POOL):
+// their work items run on the engine's pool through efficientai_parallel_items, defined below.
+extern "C" {
+typedef void (*qk_task_fn)(void* ctx, int item);
+void efficientai_parallel_items(int nitems, qk_task_fn fn, void* ctx);
+int qk_supported(int K, int bits, int gs);
+int qk_matmul(const float* x, int M, int K, int nseg, const void* const* w, const float* const* s,
+              const float* const* b, const int* n, int bits, int gs, float* const* y, float* scratch, int block,
+              int small_m);
+}
+
 namespace efficientai {
 
 // ================================================================ thread pool
@@ -987,6 +998,124 @@ std::vector<mx::array> Gemv::vjp(const std::vector<mx::array>& primals, const st
     }
   }
   return vjps;
+}
+
+// ================================================================ quantized GEMV (the quantization chapter's kernels)
+extern "C" void efficientai_parallel_items(int nitems, qk_task_fn fn, void* ctx) {
+  if (nitems <= 0) return;
+  if (nitems == 1) {
+    fn(ctx, 0);
+    return;
+  }
+  parallel_tasks(nitems, [&](int item) { fn(ctx, item); });
+}
+
+namespace {
+constexpr int kMaxQuantizedParts = 16;   // QK_MAX_SEG in qkernels.c
+
+int quantized_k(const mx::array& w, int bits) { return int(w.shape(-1)) * 32 / bits; }
+}  // namespace
+
+bool quantized_supported(int k, int bits, int group_size) { return qk_supported(k, bits, group_size) == 0; }
+
+std::vector<mx::array> quantized_matmul(const mx::array& x, const std::vector<mx::array>& w,
+                                        const std::vector<mx::array>& scales, const std::vector<mx::array>& biases,
+                                        int group_size, int bits) {
+  auto fail = [](const std::string& what) {
+    throw std::invalid_argument("efficientai engine quantized_matmul: " + what);
+  };
+  size_t n = w.size();
+  if (n < 1 || n > size_t(kMaxQuantizedParts)) fail("takes 1 to 16 matrices");
+  if (scales.size() != n || biases.size() != n) fail("needs one scales and one biases array per matrix");
+  if (bits != 2 && bits != 4 && bits != 8) fail("bits must be 2, 4 or 8");
+  check_float(x, "x");
+  if (x.ndim() == 0) fail("x must have at least one axis");
+  int K = int(x.shape(-1));
+  if (!quantized_supported(K, bits, group_size))
+    fail("this layout is not supported (K=" + std::to_string(K) + ", " + std::to_string(bits) + "-bit, group " +
+         std::to_string(group_size) + ")");
+  auto s = cpu_stream();
+  std::vector<mx::array> ins = {mx::contiguous(as_f32(x, s), false, s)};
+  std::vector<mx::Shape> shapes;
+  auto dtype = x.dtype();
+  for (size_t i = 0; i < n; ++i) {
+    if (w[i].dtype() != mx::uint32 || w[i].ndim() != 2 || quantized_k(w[i], bits) != K)
+      fail("w[" + std::to_string(i) + "] must be uint32 (N, K*bits/32) with K = x.shape[-1]");
+    mx::Shape groups = {w[i].shape(0), K / group_size};
+    for (const auto* a : {&scales[i], &biases[i]}) {
+      check_float(*a, "scales/biases");
+      if (a->shape() != groups) fail("scales and biases must have shape (N, K / group_size)");
+    }
+    dtype = mx::promote_types(dtype, scales[i].dtype());
+    auto shape = x.shape();
+    shape.back() = w[i].shape(0);
+    shapes.push_back(shape);
+  }
+  for (size_t i = 0; i < n; ++i) ins.push_back(mx::contiguous(w[i], false, s));
+  for (size_t i = 0; i < n; ++i) ins.push_back(mx::contiguous(as_f32(scales[i], s), false, s));
+  for (size_t i = 0; i < n; ++i) ins.push_back(mx::contiguous(as_f32(biases[i], s), false, s));
+  auto outs = mx::array::make_arrays(shapes, std::vector<mx::Dtype>(n, mx::float32),
+                                     std::make_shared<QuantizedGemv>(s, group_size, bits), ins);
+  for (auto& o : outs) o = back_to(o, dtype, s);
+  return outs;
+}
+
+void QuantizedGemv::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& o : outputs) alloc(o);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) enc.set_input_array(a);
+  for (auto& o : outputs) enc.set_output_array(o);
+  std::vector<float*> ys;
+  for (auto& o : outputs) ys.push_back(o.data<float>());
+  enc.dispatch([inputs, ys, gs = group_size_, bits = bits_]() {
+    const auto& x = inputs[0];
+    int n = int(ys.size()), K = int(x.shape(-1)), M = K ? int(x.size() / K) : 0;
+    std::vector<const void*> w(n);
+    std::vector<const float*> sc(n), bi(n);
+    std::vector<int> rows(n);
+    for (int i = 0; i < n; ++i) {
+      w[i] = inputs[1 + i].data<uint32_t>();
+      sc[i] = inputs[1 + n + i].data<float>();
+      bi[i] = inputs[1 + 2 * n + i].data<float>();
+      rows[i] = int(inputs[1 + i].shape(0));
+    }
+    if (M == 0) return;
+    // every row count takes the fused GEMV here (8 rows of x at a time): the op is meant for decoding's few rows
+    int rc = qk_matmul(x.data<float>(), M, K, n, w.data(), sc.data(), bi.data(), rows.data(), bits, gs, ys.data(),
+                       nullptr, 0, M);
+    if (rc != 0) {   // only out of memory is left once the op checked the layout: NaN, not a crash on MLX's thread
+      for (int i = 0; i < n; ++i) std::fill(ys[i], ys[i] + size_t(M) * rows[i], std::numeric_limits<float>::quiet_NaN());
+    }
+  });
+}
+
+std::vector<mx::array> QuantizedGemv::vjp(const std::vector<mx::array>& primals,
+                                          const std::vector<mx::array>& cotangents, const std::vector<int>& argnums,
+                                          const std::vector<mx::array>&) {
+  // dx = sum_i g_i @ dequantize(W_i), MLX's own ops; the codes, scales and biases are constants (as in QLoRA)
+  auto s = stream();
+  size_t n = cotangents.size();
+  std::vector<mx::array> vjps;
+  for (int a : argnums) {
+    if (a != 0)
+      throw std::invalid_argument("efficientai engine quantized_matmul: only x is differentiable, not the quantized "
+                                  "weights, scales or biases");
+    std::optional<mx::array> dx;
+    for (size_t i = 0; i < n; ++i) {
+      auto wf = mx::dequantize(primals[1 + i], primals[1 + n + i], primals[1 + 2 * n + i], group_size_, bits_,
+                               "affine", std::nullopt, mx::float32, s);
+      auto term = mx::matmul(as_f32(cotangents[i], s), wf, s);
+      dx = dx ? mx::add(*dx, term, s) : term;
+    }
+    vjps.push_back(*dx);
+  }
+  return vjps;
+}
+
+bool QuantizedGemv::is_equivalent(const mx::Primitive& other) const {
+  if (typeid(other) != typeid(*this)) return false;
+  const auto& o = static_cast<const QuantizedGemv&>(other);
+  return o.group_size_ == group_size_ && o.bits_ == bits_;
 }
 
 }  // namespace efficientai

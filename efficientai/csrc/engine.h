@@ -34,6 +34,15 @@ mx::array attention_masked(const mx::array& q, const mx::array& k, const mx::arr
 // x @ weight.T (+ bias) for x (..., K) of few rows and weight (N, K) as nn.Linear stores it (float32, bfloat16 or
 // float16), read in place; float32 inside, the result in the inputs' promoted dtype
 mx::array linear(const mx::array& x, const mx::array& weight, const std::optional<mx::array>& bias);
+// x @ dequantize(w_i).T for each of a few MLX affine-quantized matrices read by the same x (q/k/v, gate/up): uint32
+// codes of `bits` (2, 4, 8) in groups of `group_size`, float scales and biases, as nn.QuantizedLinear stores them.
+// The quantization chapter's fused dequantize-dot GEMV (efficientai/quant/qkernels.c) on the engine's pool, one output
+// per matrix in x's and the scales' promoted dtype; differentiable in x. qk_supported(K, bits, group_size) == 0: the
+// layouts it runs.
+std::vector<mx::array> quantized_matmul(const mx::array& x, const std::vector<mx::array>& w,
+                                        const std::vector<mx::array>& scales, const std::vector<mx::array>& biases,
+                                        int group_size, int bits);
+bool quantized_supported(int k, int bits, int group_size);
 
 // ---------------------------------------------------------------- primitives
 class EnginePrimitive : public mx::Primitive {
@@ -131,6 +140,18 @@ class Gemv : public EnginePrimitive {   // (x, w[, bias]) -> x @ w.T (+ bias), s
                              const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
   const char* name() const override { return "EngineGemv"; }
   bool is_equivalent(const mx::Primitive& other) const override { return typeid(other) == typeid(*this); }
+};
+
+class QuantizedGemv : public EnginePrimitive {   // (x, w_0..w_n-1, s_0.., b_0..) -> (x @ W_0.T, ..., x @ W_n-1.T)
+ public:
+  QuantizedGemv(mx::Stream s, int group_size, int bits) : EnginePrimitive(s), group_size_(group_size), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "EngineQuantizedGemv"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+ private:
+  int group_size_, bits_;
 };
 
 }  // namespace efficientai

@@ -42,15 +42,28 @@ class _StepCache:
     def state(self) -> tuple[mx.array, mx.array]: return self.keys, self.values
 
 # %% ../../nbs/20_quantization/08_decode.ipynb #6c65b341
-def _host_layers(model: nn.Module) -> int:
-    "How many of `model`'s layers run outside MLX's graph (the quantized CPU kernels of `quant.kernels`)."
+def _kernel_layers(model: nn.Module) -> tuple[list, list]:
+    """`model`'s layers on the quantized CPU kernels of `quant.kernels` (ctypes calls, outside MLX's graph): those that
+    run a decode step's few rows inside the graph (routed through the engine, `quant.engine.use_engine`) and the rest."""
     from efficientai.quant.kernels import CpuQuantizedEmbedding, CpuQuantizedLinear
-    return sum(isinstance(m, (CpuQuantizedLinear, CpuQuantizedEmbedding)) for _, m in model.named_modules())
+    layers = [m for _, m in model.named_modules() if isinstance(m, (CpuQuantizedLinear, CpuQuantizedEmbedding))]
+    routed = [m for m in layers if hasattr(type(m), "_engine_base")]
+    if routed:
+        from efficientai.quant.engine import engine_ops
+        if engine_ops() is None: routed = []
+    return routed, [m for m in layers if not any(m is r for r in routed)]
+
+def _host_layers(model: nn.Module) -> int:
+    "How many of `model`'s layers run a decode step outside MLX's graph (the quantized CPU kernels, not on the engine)."
+    return len(_kernel_layers(model)[1])
 
 class _Decoder:
     "The compiled one-token step of one model: (tokens, position, K/V buffers) -> (logits, K/V buffers)."
     def __init__(self, model: nn.Module, base: type):
+        from efficientai.quant.engine import QUANTIZED_MAX_ROWS
         self.model, self.calls = model, 0
+        # layers on the kernels run few rows on the engine, in the graph: a larger batch takes the uncompiled path
+        self.max_rows = QUANTIZED_MAX_ROWS if _kernel_layers(model)[0] else None
         def step(tokens: mx.array, offset: mx.array, keys: list, values: list):
             caches = [_StepCache(k, v, offset) for k, v in zip(keys, values)]
             logits = base.__call__(model, tokens, cache=caches)
@@ -60,6 +73,7 @@ class _Decoder:
     def eligible(self, model: nn.Module, inputs: mx.array, cache, kw: dict) -> bool:
         "Whether this call is a decode step the compiled function computes exactly."
         if model is not self.model or cache is None or kw or inputs.ndim != 2 or inputs.shape[1] != 1: return False
+        if self.max_rows is not None and inputs.shape[0] > self.max_rows: return False
         if any(type(c) is not KVCache or c.keys is None for c in cache): return False
         offset = cache[0].offset
         return all(c.offset == offset and offset < c.keys.shape[2] for c in cache)

@@ -22,15 +22,17 @@ from ..io import atomic_write
 from ..logging import get_logger
 from ..models import on_cpu
 from .kernels import _ARCH_FLAG, _FAILED_BUILDS, _compiler_version, _cpu_identity, _kernels_folder, _usable_cpus
-from .kernels import _failed_build_line
+from .kernels import KERNEL_SOURCE, CpuQuantizedEmbedding, CpuQuantizedLinear, _failed_build_line
+from .kernels import register_layers
 
 log = get_logger("quant.engine")
 
 # %% auto #0
-__all__ = ['log', 'ENGINE_SOURCES', 'ENGINE_MODULE', 'GEMV_MAX_ROWS', 'GEMV_WEIGHT_DTYPES', 'find_cxx', 'engine_key',
-           'build_engine', 'load_engine', 'engine_off_reason', 'engine_ops', 'engine_status', 'rms_norm', 'rope',
-           'swiglu', 'attention', 'linear', 'EngineRMSNorm', 'EngineLinear', 'EngineEmbedding', 'EngineRoPE',
-           'use_engine', 'restore']
+__all__ = ['log', 'ENGINE_SOURCES', 'ENGINE_MODULE', 'GEMV_MAX_ROWS', 'GEMV_WEIGHT_DTYPES', 'QUANTIZED_MAX_ROWS',
+           'EngineQuantizedLinear', 'EngineCpuQuantizedLinear', 'EngineQuantizedEmbedding',
+           'EngineCpuQuantizedEmbedding', 'find_cxx', 'engine_key', 'build_engine', 'load_engine', 'engine_off_reason',
+           'engine_ops', 'engine_status', 'rms_norm', 'rope', 'swiglu', 'attention', 'linear', 'quantized_matmul',
+           'EngineRMSNorm', 'EngineLinear', 'EngineEmbedding', 'EngineRoPE', 'use_engine', 'restore']
 
 # %% ../../nbs/20_quantization/07_engine.ipynb #810c06a7
 ENGINE_SOURCES = Path(efficientai.__file__).parent / "csrc"
@@ -49,10 +51,11 @@ def _versions() -> str:
     return f"mlx {mx.__version__}, nanobind {nanobind.__version__}, python {sysconfig.get_config_var('EXT_SUFFIX')}"
 
 def engine_key(cxx: str) -> str:
-    "What the built module depends on, hashed: the sources, the compiler and its version, the CPU, MLX/nanobind/Python."
+    """What the built module depends on, hashed: the sources (with the quantization chapter's kernels, compiled in),
+    the compiler and its version, the CPU, MLX/nanobind/Python."""
     h = hashlib.sha256()
-    for f in sorted(ENGINE_SOURCES.iterdir()):
-        if f.suffix in (".cpp", ".h", ".txt"): h.update(f.name.encode()); h.update(f.read_bytes())
+    for f in sorted(ENGINE_SOURCES.iterdir()) + [KERNEL_SOURCE]:
+        if f.suffix in (".cpp", ".h", ".txt", ".c"): h.update(f.name.encode()); h.update(f.read_bytes())
     for part in (_ARCH_FLAG, cxx, _compiler_version(cxx), _cpu_identity(), _versions()):
         h.update(part.encode()); h.update(b"\0")
     return h.hexdigest()[:16]
@@ -252,6 +255,31 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.ar
     return ops.linear(x, weight, bias)
 
 
+# %% ../../nbs/20_quantization/07_engine.ipynb #3f820858
+QUANTIZED_MAX_ROWS = 16   # rows of x the engine's quantized GEMV takes (the kernels' own GEMV limit); more: MLX's op
+
+def _quantized_fits(ops, x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int,
+                    bits: int, mode: str = "affine") -> bool:
+    "Whether `x @ dequantize(w).T` is a product of few rows in a layout the engine's quantized GEMV runs."
+    if mode != "affine" or biases is None or bits not in (2, 4, 8) or w.dtype != mx.uint32 or w.ndim != 2: return False
+    if x.ndim == 0 or not mx.issubdtype(x.dtype, mx.floating): return False
+    k = w.shape[1] * 32 // bits
+    if x.shape[-1] != k or x.size > QUANTIZED_MAX_ROWS * k or group_size <= 0 or k % group_size: return False
+    groups = (w.shape[0], k // group_size)
+    if any(a.shape != groups or not mx.issubdtype(a.dtype, mx.floating) for a in (scales, biases)): return False
+    return ops.quantized_supported(k, bits, group_size)
+
+def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None = None, group_size: int = 64,
+                     bits: int = 4, mode: str = "affine") -> mx.array:
+    """`mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)`: on
+    the engine's fused GEMV for `x` of at most `QUANTIZED_MAX_ROWS` rows and an affine layout it runs (float32 inside,
+    differentiable in `x`), else MLX's op."""
+    ops = engine_ops()
+    if ops is None or not _quantized_fits(ops, x, w, scales, biases, group_size, bits, mode):
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
+    return ops.quantized_matmul(x, [w], [scales], [biases], group_size, bits)[0]
+
+
 # %% ../../nbs/20_quantization/07_engine.ipynb #fedcccf0
 _IN_ENGINE = contextvars.ContextVar("efficientai_engine_attention", default=False)
 
@@ -289,8 +317,39 @@ def _routed_sdpa(original):
     scaled_dot_product_attention._engine_original = original
     return scaled_dot_product_attention
 
+def _quantized_product(m: nn.Module, x: mx.array) -> mx.array | None:
+    "A quantized layer's `x @ W.T` on the engine (None: not here, the layer computes it as before)."
+    ops = engine_ops()
+    w, s, b = m["weight"], m["scales"], m.get("biases")
+    if ops is None or not _quantized_fits(ops, x, w, s, b, m.group_size, m.bits, m.mode): return None
+    return ops.quantized_matmul(x, [w], [s], [b], m.group_size, m.bits)[0]
+
+def _quantized_call(self, x):
+    y = _quantized_product(self, x)
+    if y is None: return self._engine_base.__call__(self, x)
+    return y + self["bias"] if "bias" in self else y
+
+def _quantized_as_linear(self, x):
+    y = _quantized_product(self, x)
+    return self._engine_base.as_linear(self, x) if y is None else y
+
+def _quantized_class(base: type) -> type:
+    "The engine's subclass of a quantized linear or embedding class: few rows on the engine, else as `base` computes."
+    method = {"as_linear": _quantized_as_linear} if issubclass(base, nn.QuantizedEmbedding) else {"__call__": _quantized_call}
+    return type(f"Engine{base.__name__}", (base,), {**method, "_engine_base": base, "__module__": __name__,
+                "__doc__": f"`{base.__name__}` with few-row products on the engine's quantized GEMV."})
+
+EngineQuantizedLinear, EngineCpuQuantizedLinear, EngineQuantizedEmbedding, EngineCpuQuantizedEmbedding = map(
+    _quantized_class, (nn.QuantizedLinear, CpuQuantizedLinear, nn.QuantizedEmbedding, CpuQuantizedEmbedding))
+# accelerate() after use_engine() turns the engine's MLX layers into the engine's kernel layers, restore() back
+register_layers(EngineQuantizedLinear, EngineCpuQuantizedLinear)
+register_layers(EngineQuantizedEmbedding, EngineCpuQuantizedEmbedding)
+
 _SUBCLASSES: dict[type, type] = {nn.RMSNorm: EngineRMSNorm, nn.RoPE: EngineRoPE, nn.Linear: EngineLinear,
-                                 nn.Embedding: EngineEmbedding}
+                                 nn.Embedding: EngineEmbedding, nn.QuantizedLinear: EngineQuantizedLinear,
+                                 CpuQuantizedLinear: EngineCpuQuantizedLinear,
+                                 nn.QuantizedEmbedding: EngineQuantizedEmbedding,
+                                 CpuQuantizedEmbedding: EngineCpuQuantizedEmbedding}
 
 def _route_sdpa(home) -> None:
     """Wrap `home`'s `scaled_dot_product_attention` (once; again after something else, e.g. `lora.kernels.fast_kernels`

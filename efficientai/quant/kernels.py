@@ -28,7 +28,7 @@ log = get_logger("quant.kernels")
 # %% auto #0
 __all__ = ['log', 'KERNEL_SOURCE', 'CFLAGS', 'NO_VJP_ROWS', 'SIBLINGS', 'find_compiler', 'kernel_key', 'build_kernels', 'Kernels',
            'load_kernels', 'kernels_status', 'prompt_path', 'quantized_matmul', 'dequantize', 'CpuQuantizedLinear',
-           'CpuQuantizedEmbedding', 'accelerate', 'restore', 'fast_quantized']
+           'CpuQuantizedEmbedding', 'register_layers', 'accelerate', 'restore', 'fast_quantized']
 
 # %% ../../nbs/20_quantization/05_kernels.ipynb #1bcce215
 KERNEL_SOURCE = Path(efficientai.__file__).parent / "quant" / "qkernels.c"
@@ -504,6 +504,11 @@ _SWAP = {nn.QuantizedLinear: CpuQuantizedLinear, nn.QuantizedEmbedding: CpuQuant
 _BACK = {v: k for k, v in _SWAP.items()}
 _CACHE_AWARE: dict[type, type] = {}
 
+def register_layers(mlx_layer: type, cpu_layer: type) -> None:
+    """Make `accelerate` switch layers of class `mlx_layer` to `cpu_layer` and `restore` switch them back (for
+    subclasses of MLX's quantized layers and of the ones above, e.g. the engine's)."""
+    _SWAP[mlx_layer], _BACK[cpu_layer] = cpu_layer, mlx_layer
+
 def _cache_aware(cls: type) -> type:
     "A subclass of the model's class whose `__call__` records whether a KV cache was passed (prompt logits stay lazy)."
     if cls not in _CACHE_AWARE:
@@ -548,7 +553,7 @@ def _swap(model: nn.Module) -> list[nn.Module]:
     for _, parent in model.named_modules():
         for names in SIBLINGS:
             kids = [parent.get(n) for n in names]
-            if all(type(k) is CpuQuantizedLinear for k in kids) and "_qk_group" not in kids[0].__dict__:
+            if all(isinstance(k, CpuQuantizedLinear) for k in kids) and "_qk_group" not in kids[0].__dict__:
                 ws = [k.__dict__["_qk_weights"] for k in kids]
                 if len({(w.k, w.bits, w.group_size) for w in ws}) == 1:
                     group = _Siblings(kids)

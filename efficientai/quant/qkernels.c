@@ -26,6 +26,8 @@
  * cores) delays nothing: the caller takes its share. Idle workers spin briefly, then sleep. The pool is one per
  * process (per loaded library) and runs one job at a time: every public entry point holds a mutex for its whole
  * call, so callers on several threads (or several Python `Kernels` objects on one library) take turns.
+ * The engine's MLX extension compiles this file too (-DQK_EXTERNAL_POOL): there the GEMV is a node of MLX's graph
+ * (efficientai/csrc/engine.cpp, QuantizedGemv) and its items run on the engine's pool.
  */
 #include <stdint.h>
 #include <string.h>
@@ -167,6 +169,12 @@ int qk_init(int n, long spin) {
 
 int qk_threads(void) { return atomic_load(&pool.nthreads); }
 
+#ifdef QK_EXTERNAL_POOL
+/* Built into the engine's MLX extension (efficientai/csrc): the engine's pool runs the items, so a process decoding
+ * with both has one pool of spinning threads, not two contending for the cores. Our own pool is never started. */
+void efficientai_parallel_items(int nitems, task_fn fn, void *ctx);
+static void parallel_for(int nitems, task_fn fn, void *ctx) { efficientai_parallel_items(nitems, fn, ctx); }
+#else
 /* Run fn(ctx, i) for i in [0, nitems) on the pool; returns when all are done. Not reentrant: only called with
  * pool.call held (the public entry points take it). */
 static void parallel_for(int nitems, task_fn fn, void *ctx) {
@@ -187,6 +195,7 @@ static void parallel_for(int nitems, task_fn fn, void *ctx) {
     run_items();
     while (atomic_load(&pool.done) < nitems) cpu_relax(); /* items a worker is still finishing */
 }
+#endif
 
 /* ---------------------------------------------------------------- kernels */
 static inline vf loadf(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
