@@ -246,13 +246,22 @@ def _gemv_fits(x: mx.array, weight: mx.array, bias: mx.array | None) -> bool:
     if x.shape[-1] != weight.shape[1] or x.size > GEMV_MAX_ROWS * max(x.shape[-1], 1): return False
     return bias is None or (mx.issubdtype(bias.dtype, mx.floating) and bias.shape == (weight.shape[0],))
 
+def _float32_matmul(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
+    "A half-precision product of many rows through float32 (MLX's CPU matmul has no fast bfloat16/float16 path)."
+    x32, w32 = x.astype(mx.float32), weight.astype(mx.float32).T
+    y = x32 @ w32 if bias is None else mx.addmm(bias.astype(mx.float32), x32, w32)
+    return y.astype(x.dtype)
+
 def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
     """`x @ weight.T (+ bias)`, as `nn.Linear` computes it: on the engine's GEMV for `x` of at most `GEMV_MAX_ROWS`
-    rows and a float32, bfloat16 or float16 weight (float32 inside; differentiable in all three), else MLX's matmul."""
+    rows and a float32, bfloat16 or float16 weight (float32 inside; differentiable in all three), else MLX's matmul;
+    a prompt's rows in bfloat16 or float16 through a float32 matmul (sgemm), rounded once at the end."""
     ops = engine_ops()
-    if ops is None or not _gemv_fits(x, weight, bias):
-        return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
-    return ops.linear(x, weight, bias)
+    if ops is not None and _gemv_fits(x, weight, bias): return ops.linear(x, weight, bias)
+    if ops is not None and x.dtype == weight.dtype and x.dtype in (mx.bfloat16, mx.float16) and weight.ndim == 2 \
+            and (bias is None or bias.dtype == x.dtype):
+        return _float32_matmul(x, weight, bias)
+    return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
 
 
 # %% ../../nbs/20_quantization/07_engine.ipynb #3f820858
