@@ -12,8 +12,13 @@ from efficientai.zoo.tiny import TinyLMConfig, build_tiny_lm
 
 from conftest import broken_compiler
 
+# tests of the engine's own ops skip where it is switched off or can't run ($EFFICIENTAI_ENGINE=0: the suite's fallback
+# run); the build, the off-CPU and the switched-off tests below run everywhere
+needs_engine = pytest.mark.skipif(E.engine_ops() is None, reason=f"the engine doesn't run here: {E.engine_status()}")
+
 
 def test_a_failed_build_is_tried_once_says_why_and_falls_back_to_mlx(monkeypatch, tmp_path):
+    monkeypatch.delenv("EFFICIENTAI_ENGINE", raising=False)
     cxx = broken_compiler(monkeypatch, tmp_path, "CXX", "engine.cpp:1: error: no <thread>")
     monkeypatch.setattr(E, "_ENGINE", None)
     monkeypatch.setattr(E, "_UNAVAILABLE", None)
@@ -36,6 +41,7 @@ def test_a_failed_build_is_tried_once_says_why_and_falls_back_to_mlx(monkeypatch
 
 
 def test_nothing_is_built_off_the_cpu(monkeypatch, tmp_path):
+    monkeypatch.delenv("EFFICIENTAI_ENGINE", raising=False)
     monkeypatch.setenv("EFFICIENTAI_CACHE", str(tmp_path))
     monkeypatch.setattr(E, "_ENGINE", None)
     monkeypatch.setattr(E, "_UNAVAILABLE", None)
@@ -45,6 +51,7 @@ def test_nothing_is_built_off_the_cpu(monkeypatch, tmp_path):
     assert E.engine_status().startswith("not used (MLX computes on")
 
 
+@needs_engine
 def test_the_primitives_compile_and_match_mlx_inside_a_compiled_step():
     assert E.engine_ops() is not None, E.engine_status()
     mx.random.seed(3)
@@ -67,6 +74,7 @@ def test_the_primitives_compile_and_match_mlx_inside_a_compiled_step():
     assert mx.allclose(g, mx.grad(lambda q: step(q, k, v, False).sum())(q), atol=1e-4)
 
 
+@needs_engine
 def test_use_engine_gemv_inside_the_compiled_decode_step_keeps_mlx_lms_greedy_tokens():
     """The decode path's one-token linears (and the tied output layer) run on the engine's GEMV inside
     `compile_decode`'s traced step, and the greedy tokens and logits are plain mlx-lm's."""
@@ -108,6 +116,7 @@ def test_use_engine_gemv_inside_the_compiled_decode_step_keeps_mlx_lms_greedy_to
     assert mx.allclose(fast, plain, atol=1e-4, rtol=1e-4), float(mx.abs(fast - plain).max())
 
 
+@needs_engine
 def test_use_engine_after_compile_decode_traces_the_step_again():
     """A model already decoding on the compiled step and then routed through the engine must decode on the engine:
     MLX caches the traced step by input shapes, so without a new trace the old ops would stay (silently)."""
@@ -141,3 +150,28 @@ def test_use_engine_after_compile_decode_traces_the_step_again():
         E.restore(model)
         restore_decode(model)
     assert len(gemv_calls) >= 2 * 7 + 1, len(gemv_calls)
+
+
+def test_switched_off_every_op_is_mlxs_and_routed_quantized_layers_fall_back(monkeypatch):
+    """$EFFICIENTAI_ENGINE=0: the ops are MLX's own (same values), `use_engine` changes nothing, and a quantized model
+    routed while the engine ran decodes on its layers' own paths again, with no compiled step left counting on the
+    engine (its kernel layers are back outside the graph)."""
+    from efficientai.quant.decode import _host_layers, compile_decode
+    from efficientai.quant.kernels import accelerate, restore as restore_kernels
+    model = build_tiny_lm(TinyLMConfig(num_hidden_layers=1)); nn.quantize(model, group_size=64, bits=4)
+    x = mx.random.normal((1, 1, 128), key=mx.random.key(2))
+    ref = model(mx.array([[5, 7, 9]]))
+    routed = E.use_engine(model)                      # 0 where the engine doesn't run at all
+    kernels = accelerate(model)
+    monkeypatch.setenv("EFFICIENTAI_ENGINE", "0")
+    assert E.engine_ops() is None and E.engine_status().startswith("switched off")
+    w, s, b = mx.quantize(mx.random.normal((64, 128), key=mx.random.key(3)), group_size=64, bits=4)
+    assert mx.array_equal(E.quantized_matmul(x, w, s, b), mx.quantized_matmul(x, w, s, b, transpose=True))
+    assert mx.array_equal(E.rms_norm(x, x[0, 0]), mx.fast.rms_norm(x, x[0, 0], 1e-5))
+    assert E.use_engine(build_tiny_lm(TinyLMConfig(num_hidden_layers=1))) == 0
+    assert mx.allclose(model(mx.array([[5, 7, 9]])), ref, atol=0.05)     # (the kernels' int8 prompt path rounds x)
+    if kernels:
+        assert _host_layers(model) == kernels and not compile_decode(model)
+    restore_kernels(model)
+    if routed: E.restore(model)
+    assert type(model.layers[0].mlp.up_proj) is nn.QuantizedLinear
