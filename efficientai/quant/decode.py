@@ -46,11 +46,10 @@ def _kernel_layers(model: nn.Module) -> tuple[list, list]:
     """`model`'s layers on the quantized CPU kernels of `quant.kernels` (ctypes calls, outside MLX's graph): those that
     run a decode step's few rows inside the graph (routed through the engine, `quant.engine.use_engine`) and the rest."""
     from efficientai.quant.kernels import CpuQuantizedEmbedding, CpuQuantizedLinear
+    from efficientai.quant.engine import EngineCpuQuantizedEmbedding, EngineCpuQuantizedLinear, engine_ops
     layers = [m for _, m in model.named_modules() if isinstance(m, (CpuQuantizedLinear, CpuQuantizedEmbedding))]
-    routed = [m for m in layers if hasattr(type(m), "_engine_base")]
-    if routed:
-        from efficientai.quant.engine import engine_ops
-        if engine_ops() is None: routed = []
+    routed = [m for m in layers if isinstance(m, (EngineCpuQuantizedLinear, EngineCpuQuantizedEmbedding))]
+    if routed and engine_ops() is None: routed = []
     return routed, [m for m in layers if not any(m is r for r in routed)]
 
 def _host_layers(model: nn.Module) -> int:

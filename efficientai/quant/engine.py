@@ -278,15 +278,21 @@ def _quantized_fits(ops, x: mx.array, w: mx.array, scales: mx.array, biases: mx.
     if any(a.shape != groups or not mx.issubdtype(a.dtype, mx.floating) for a in (scales, biases)): return False
     return ops.quantized_supported(k, bits, group_size)
 
+def _quantized_on_engine(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int,
+                         bits: int, mode: str = "affine") -> mx.array | None:
+    "`x @ dequantize(w).T` on the engine's quantized GEMV; None where it doesn't run it (off, many rows, the layout)."
+    ops = engine_ops()
+    if ops is None or not _quantized_fits(ops, x, w, scales, biases, group_size, bits, mode): return None
+    return ops.quantized_matmul(x, [w], [scales], [biases], group_size, bits)[0]
+
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None = None, group_size: int = 64,
                      bits: int = 4, mode: str = "affine") -> mx.array:
     """`mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)`: on
     the engine's fused GEMV for `x` of at most `QUANTIZED_MAX_ROWS` rows and an affine layout it runs (float32 inside,
     differentiable in `x`), else MLX's op."""
-    ops = engine_ops()
-    if ops is None or not _quantized_fits(ops, x, w, scales, biases, group_size, bits, mode):
-        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
-    return ops.quantized_matmul(x, [w], [scales], [biases], group_size, bits)[0]
+    y = _quantized_on_engine(x, w, scales, biases, group_size, bits, mode)
+    if y is not None: return y
+    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
 
 
 # %% ../../nbs/20_quantization/07_engine.ipynb #fedcccf0
@@ -328,10 +334,7 @@ def _routed_sdpa(original):
 
 def _quantized_product(m: nn.Module, x: mx.array) -> mx.array | None:
     "A quantized layer's `x @ W.T` on the engine (None: not here, the layer computes it as before)."
-    ops = engine_ops()
-    w, s, b = m["weight"], m["scales"], m.get("biases")
-    if ops is None or not _quantized_fits(ops, x, w, s, b, m.group_size, m.bits, m.mode): return None
-    return ops.quantized_matmul(x, [w], [s], [b], m.group_size, m.bits)[0]
+    return _quantized_on_engine(x, m["weight"], m["scales"], m.get("biases"), m.group_size, m.bits, m.mode)
 
 def _quantized_call(self, x):
     y = _quantized_product(self, x)
