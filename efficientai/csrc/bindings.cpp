@@ -29,6 +29,9 @@ NB_MODULE(_efficientai_engine, m) {
         "on the quantization chapter's fused GEMV (meant for few rows of x)");
   m.def("quantized_supported", &efficientai::quantized_supported, "k"_a, "bits"_a, "group_size"_a,
         "whether quantized_matmul runs this layout (K inputs, bits, group size)");
+  m.def("lora_add", &efficientai::lora_add, "x"_a, "y"_a, "a"_a, "b"_a, "scale"_a,
+        "y + scale * (x @ a) @ b for float32 x (..., K), y (..., M), a (K, r), b (r, M): a LoRA layer's update in "
+        "one pass over the rows (and one backward)");
   m.def("threads", &efficientai::engine_threads, "threads the engine's pool runs on");
   m.def("set_threads", &efficientai::set_engine_threads, "n"_a, "resize the pool (n <= 0: the usable CPUs)");
 }

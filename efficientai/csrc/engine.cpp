@@ -1118,4 +1118,206 @@ bool QuantizedGemv::is_equivalent(const mx::Primitive& other) const {
   return o.group_size_ == group_size_ && o.bits_ == bits_;
 }
 
+// ================================================================ LoRA update
+namespace {
+constexpr int64_t kMaxLoraRank = 256;
+constexpr int64_t kLoraChunk = 256;   // columns per pass: the accumulators and b's rows for them stay in L1
+
+// a (K, r) as its transpose packed (r rows of K), whatever a's strides
+std::vector<float> transposed(const mx::array& a) {
+  int64_t K = a.shape(0), r = a.shape(1);
+  std::vector<float> t(r * K);
+  const float* p = a.data<float>();
+  int64_t s0 = a.strides()[0], s1 = a.strides()[1];
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < r; ++j) t[j * K + k] = p[k * s0 + j * s1];
+  return t;
+}
+
+// b (r, M) packed (r rows of M)
+std::vector<float> packed(const mx::array& b) {
+  int64_t r = b.shape(0), M = b.shape(1);
+  std::vector<float> t(r * M);
+  const float* p = b.data<float>();
+  int64_t s0 = b.strides()[0], s1 = b.strides()[1];
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t m = 0; m < M; ++m) t[j * M + m] = p[j * s0 + m * s1];
+  return t;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float* y, float alpha, const float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+void check_f32(const mx::array& a, const char* what) {
+  if (a.dtype() != mx::float32)
+    throw std::invalid_argument(std::string("efficientai engine lora_add: ") + what + " must be float32");
+}
+}  // namespace
+
+mx::array lora_add(const mx::array& x, const mx::array& y, const mx::array& a, const mx::array& b, float scale) {
+  check_f32(x, "x");
+  check_f32(y, "y");
+  check_f32(a, "a");
+  check_f32(b, "b");
+  if (x.ndim() == 0 || y.ndim() != x.ndim() || a.ndim() != 2 || b.ndim() != 2)
+    throw std::invalid_argument("efficientai engine lora_add: x (..., K), y (..., M), a (K, r) and b (r, M) expected");
+  for (int i = 0; i + 1 < int(x.ndim()); ++i)
+    if (x.shape(i) != y.shape(i))
+      throw std::invalid_argument("efficientai engine lora_add: x and y must have the same leading shape");
+  if (a.shape(0) != x.shape(-1) || b.shape(0) != a.shape(1) || b.shape(1) != y.shape(-1))
+    throw std::invalid_argument("efficientai engine lora_add: a must be (K, r) and b (r, M) for x (..., K), y (..., M)");
+  if (a.shape(1) > kMaxLoraRank)
+    throw std::invalid_argument("efficientai engine lora_add: rank above " + std::to_string(kMaxLoraRank));
+  return mx::array(y.shape(), mx::float32, std::make_shared<LoraAdd>(cpu_stream(), scale), {x, y, a, b});
+}
+
+// NB rows at a time: each chunk of b's rows is read once for the block, each output written once
+template <int NB>
+void lora_rows_forward(const Rows& xr, const Rows& yr, int64_t n, const float* at, const float* bp, int64_t r,
+                       float s, float* o) {
+  int64_t K = xr.d, M = yr.d;
+  float z[NB][kMaxLoraRank];
+  const float* xs[NB];
+  const float* ys[NB];
+  float* os[NB];
+  for (int i = 0; i < NB; ++i) {
+    xs[i] = xr.row(n + i);
+    ys[i] = yr.row(n + i);
+    os[i] = o + (n + i) * M;
+  }
+  for (int64_t j = 0; j < r; ++j)
+    for (int i = 0; i < NB; ++i) z[i][j] = s * dot(xs[i], at + j * K, K);
+  for (int64_t m0 = 0; m0 < M; m0 += kLoraChunk) {   // out = y + z @ b, a chunk of columns at a time
+    int64_t c = std::min(kLoraChunk, M - m0);
+    for (int i = 0; i < NB; ++i) {
+      float acc[kLoraChunk];
+      std::memcpy(acc, ys[i] + m0, c * sizeof(float));
+      for (int64_t j = 0; j < r; ++j) axpy(acc, z[i][j], bp + j * M + m0, c);
+      std::memcpy(os[i] + m0, acc, c * sizeof(float));
+    }
+  }
+}
+
+void LoraAdd::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& out = outputs[0];
+  const auto& y = inputs[1];
+  if (y.is_donatable() && y.flags().row_contiguous) out.copy_shared_buffer(y);   // update y in place
+  else alloc(out);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) enc.set_input_array(in);
+  enc.set_output_array(out);
+  enc.dispatch([x = inputs[0], y = inputs[1], a = inputs[2], b = inputs[3], o = out.data<float>(), s = scale_]() {
+    Rows xr = rows_of(x), yr = rows_of(y);
+    std::vector<float> at = transposed(a), bp = packed(b);
+    int64_t r = a.shape(1);
+    parallel_for(xr.n, 16, [&](int64_t n0, int64_t n1) {
+      int64_t n = n0;
+      for (; n + 8 <= n1; n += 8) lora_rows_forward<8>(xr, yr, n, at.data(), bp.data(), r, s, o);
+      for (; n < n1; ++n) lora_rows_forward<1>(xr, yr, n, at.data(), bp.data(), r, s, o);
+    });
+  });
+}
+
+std::vector<mx::array> LoraAdd::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                                    const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  const auto &x = primals[0], &a = primals[2], &b = primals[3];
+  const auto g = as_f32(cotangents[0], stream());
+  std::vector<mx::array> grads;
+  for (int n : argnums)
+    if (n != 1 && grads.empty())
+      grads = mx::array::make_arrays({x.shape(), a.shape(), b.shape()}, {mx::float32, mx::float32, mx::float32},
+                                     std::make_shared<LoraAddVJP>(stream(), scale_), {x, a, b, g});
+  std::vector<mx::array> vjps;
+  for (int n : argnums) vjps.push_back(n == 0 ? grads[0] : n == 1 ? g : n == 2 ? grads[1] : grads[2]);
+  return vjps;
+}
+
+bool LoraAdd::is_equivalent(const mx::Primitive& other) const {
+  return typeid(other) == typeid(*this) && static_cast<const LoraAdd&>(other).scale_ == scale_;
+}
+
+// NB rows of the backward: dx for the rows, their shares of da.T (dat, r x K) and db (dbt, r x M) added in place
+template <int NB>
+void lora_rows_backward(const Rows& xr, const Rows& gr, int64_t n, const float* at, const float* bp, int64_t r,
+                        float s, float* dx, float* dat, float* dbt) {
+  int64_t K = xr.d, M = gr.d;
+  float xa[NB][kMaxLoraRank], g[NB][kMaxLoraRank];
+  const float* xs[NB];
+  const float* gs[NB];
+  float* dxs[NB];
+  for (int i = 0; i < NB; ++i) {
+    xs[i] = xr.row(n + i);
+    gs[i] = gr.row(n + i);
+    dxs[i] = dx + (n + i) * K;
+  }
+  for (int64_t j = 0; j < r; ++j)
+    for (int i = 0; i < NB; ++i) {
+      xa[i][j] = s * dot(xs[i], at + j * K, K);   // scale * (x @ a)
+      g[i][j] = s * dot(gs[i], bp + j * M, M);    // d(x @ a) = scale * dout @ b.T
+    }
+  for (int64_t k0 = 0; k0 < K; k0 += kLoraChunk) {
+    int64_t c = std::min(kLoraChunk, K - k0);
+    for (int i = 0; i < NB; ++i) {                  // dx = d(x @ a) @ a.T
+      float acc[kLoraChunk] = {};
+      for (int64_t j = 0; j < r; ++j) axpy(acc, g[i][j], at + j * K + k0, c);
+      std::memcpy(dxs[i] + k0, acc, c * sizeof(float));
+    }
+    for (int64_t j = 0; j < r; ++j)                // da.T += d(x @ a).T @ x
+      for (int i = 0; i < NB; ++i) axpy(dat + j * K + k0, g[i][j], xs[i] + k0, c);
+  }
+  for (int64_t m0 = 0; m0 < M; m0 += kLoraChunk) { // db += (scale * x @ a).T @ dout
+    int64_t c = std::min(kLoraChunk, M - m0);
+    for (int64_t j = 0; j < r; ++j)
+      for (int i = 0; i < NB; ++i) axpy(dbt + j * M + m0, xa[i][j], gs[i] + m0, c);
+  }
+}
+
+void LoraAddVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& o : outputs) alloc(o);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) enc.set_input_array(in);
+  for (auto& o : outputs) enc.set_output_array(o);
+  enc.dispatch([x = inputs[0], a = inputs[1], b = inputs[2], dout = inputs[3], dx = outputs[0].data<float>(),
+                da = outputs[1].data<float>(), db = outputs[2].data<float>(), s = scale_]() {
+    Rows xr = rows_of(x), gr = rows_of(dout);
+    std::vector<float> at = transposed(a), bp = packed(b);
+    int64_t N = xr.n, K = xr.d, M = gr.d, r = a.shape(1);
+    // each task sums its rows' shares of da.T (r x K) and db (r x M) in its own buffer; the buffers are added after
+    int tasks = int(std::max<int64_t>(1, std::min<int64_t>(pool().threads(), N / 16)));
+    int64_t per = (N + tasks - 1) / tasks, width = r * (K + M);
+    std::vector<float> part(size_t(tasks) * width, 0.0f);
+    std::function<void(int)> f = [&](int t) {
+      float* dat = part.data() + t * width;
+      int64_t n = t * per, n1 = std::min(N, (t + 1) * per);
+      for (; n + 8 <= n1; n += 8) lora_rows_backward<8>(xr, gr, n, at.data(), bp.data(), r, s, dx, dat, dat + r * K);
+      for (; n < n1; ++n) lora_rows_backward<1>(xr, gr, n, at.data(), bp.data(), r, s, dx, dat, dat + r * K);
+    };
+    pool().run(tasks, f);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < r; ++j) {
+        float v = 0.0f;
+        for (int t = 0; t < tasks; ++t) v += part[t * width + j * K + k];
+        da[k * r + j] = v;
+      }
+    for (int64_t i = 0; i < r * M; ++i) {
+      float v = 0.0f;
+      for (int t = 0; t < tasks; ++t) v += part[t * width + r * K + i];
+      db[i] = v;
+    }
+  });
+}
+
+bool LoraAddVJP::is_equivalent(const mx::Primitive& other) const {
+  return typeid(other) == typeid(*this) && static_cast<const LoraAddVJP&>(other).scale_ == scale_;
+}
+
 }  // namespace efficientai

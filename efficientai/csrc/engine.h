@@ -43,6 +43,10 @@ std::vector<mx::array> quantized_matmul(const mx::array& x, const std::vector<mx
                                         const std::vector<mx::array>& scales, const std::vector<mx::array>& biases,
                                         int group_size, int bits);
 bool quantized_supported(int k, int bits, int group_size);
+// y + scale * (x @ a) @ b: a LoRA layer's low-rank update added to its frozen product y = x @ W.T, for float32 x
+// (..., K), y (..., M), a (K, r), b (r, M). One pass over the rows forward, one backward (dx, da, db together):
+// BLAS runs these rank-r products (a dimension of 8) far below its speed, each a separate pass over x or y.
+mx::array lora_add(const mx::array& x, const mx::array& y, const mx::array& a, const mx::array& b, float scale);
 
 // ---------------------------------------------------------------- primitives
 class EnginePrimitive : public mx::Primitive {
@@ -152,6 +156,28 @@ class QuantizedGemv : public EnginePrimitive {   // (x, w_0..w_n-1, s_0.., b_0..
   bool is_equivalent(const mx::Primitive& other) const override;
  private:
   int group_size_, bits_;
+};
+
+class LoraAdd : public EnginePrimitive {   // (x, y, a, b) -> y + scale * (x @ a) @ b
+ public:
+  LoraAdd(mx::Stream s, float scale) : EnginePrimitive(s), scale_(scale) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "EngineLoraAdd"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+ private:
+  float scale_;
+};
+
+class LoraAddVJP : public EnginePrimitive {   // (x, a, b, dout) -> (dx, da, db) of the update
+ public:
+  LoraAddVJP(mx::Stream s, float scale) : EnginePrimitive(s), scale_(scale) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "EngineLoraAddVJP"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+ private:
+  float scale_;
 };
 
 }  // namespace efficientai

@@ -24,15 +24,16 @@ from ..models import on_cpu
 from .kernels import _ARCH_FLAG, _FAILED_BUILDS, _compiler_version, _cpu_identity, _kernels_folder, _usable_cpus
 from .kernels import KERNEL_SOURCE, CpuQuantizedEmbedding, CpuQuantizedLinear, _failed_build_line
 from .kernels import register_layers
+from mlx_lm.tuner.lora import LoRALinear
 
 log = get_logger("quant.engine")
 
 # %% auto #0
-__all__ = ['log', 'ENGINE_SOURCES', 'ENGINE_MODULE', 'GEMV_MAX_ROWS', 'GEMV_WEIGHT_DTYPES', 'QUANTIZED_MAX_ROWS',
+__all__ = ['log', 'ENGINE_SOURCES', 'ENGINE_MODULE', 'GEMV_MAX_ROWS', 'GEMV_WEIGHT_DTYPES', 'QUANTIZED_MAX_ROWS', 'LORA_MAX_RANK',
            'EngineQuantizedLinear', 'EngineCpuQuantizedLinear', 'EngineQuantizedEmbedding',
            'EngineCpuQuantizedEmbedding', 'find_cxx', 'engine_key', 'build_engine', 'load_engine', 'engine_off_reason',
            'engine_ops', 'engine_status', 'rms_norm', 'rope', 'swiglu', 'attention', 'linear', 'quantized_matmul',
-           'EngineRMSNorm', 'EngineLinear', 'EngineEmbedding', 'EngineRoPE', 'use_engine', 'restore']
+           'lora_add', 'EngineRMSNorm', 'EngineLinear', 'EngineEmbedding', 'EngineRoPE', 'use_engine', 'restore']
 
 # %% ../../nbs/20_quantization/07_engine.ipynb #810c06a7
 ENGINE_SOURCES = Path(efficientai.__file__).parent / "csrc"
@@ -295,6 +296,24 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
 
 
+# %% ../../nbs/20_quantization/07_engine.ipynb #1e118d50
+LORA_MAX_RANK = 256       # the engine's lora_add takes ranks up to this (kMaxLoraRank in engine.cpp)
+
+def _lora_fits(x: mx.array, y: mx.array, a: mx.array, b: mx.array) -> bool:
+    "Whether `y + scale * (x @ a) @ b` is a float32 LoRA update of shapes the engine's `lora_add` takes."
+    if any(t.dtype != mx.float32 for t in (x, y, a, b)) or x.ndim == 0 or x.ndim != y.ndim: return False
+    if a.ndim != 2 or b.ndim != 2 or not 0 < a.shape[1] <= LORA_MAX_RANK: return False
+    return x.shape[:-1] == y.shape[:-1] and a.shape[0] == x.shape[-1] and b.shape == (a.shape[1], y.shape[-1])
+
+def lora_add(x: mx.array, y: mx.array, a: mx.array, b: mx.array, scale: float) -> mx.array:
+    """`y + scale * (x @ a) @ b`, a LoRA layer's low-rank update of its frozen product `y = linear(x)`: on the engine
+    (one pass forward, one backward; differentiable in all four) for float32 `x (..., K)`, `y (..., M)`, `a (K, r)`,
+    `b (r, M)` with `r <= LORA_MAX_RANK`, else MLX's ops."""
+    ops = engine_ops()
+    if ops is not None and _lora_fits(x, y, a, b): return ops.lora_add(x, y, a, b, float(scale))
+    return y + scale * ((x @ a) @ b)
+
+
 # %% ../../nbs/20_quantization/07_engine.ipynb #fedcccf0
 _IN_ENGINE = contextvars.ContextVar("efficientai_engine_attention", default=False)
 
@@ -331,6 +350,15 @@ def _routed_sdpa(original):
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
     scaled_dot_product_attention._engine_original = original
     return scaled_dot_product_attention
+
+def _lora_call(self, x):
+    "LoRA's `linear(x) + scale * (dropout(x) @ A) @ B` with the update on `lora_add` when it fits, else as the base class."
+    a, b, drop = self["lora_a"], self["lora_b"], self.dropout
+    if not isinstance(drop, nn.Dropout) or (drop.training and drop._p_1 < 1.0):    # dropout on: as the base class
+        return self._engine_base.__call__(self, x)
+    y = self.linear(x)
+    if not _lora_fits(x, y, a, b): return self._engine_base.__call__(self, x)
+    return engine_ops().lora_add(x, y, a, b, float(self.scale))
 
 def _quantized_product(m: nn.Module, x: mx.array) -> mx.array | None:
     "A quantized layer's `x @ W.T` on the engine (None: not here, the layer computes it as before)."
@@ -376,8 +404,9 @@ def _engine_class(m: nn.Module) -> type | None:
     elif cls in _SUBCLASSES: sub = _SUBCLASSES[cls]
     else:
         home = sys.modules.get(cls.__module__)
-        if home is None or not cls.__module__.startswith("mlx_lm.models."): return None
-        if all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj")) and getattr(home, "swiglu", None) is not None:
+        if isinstance(m, LoRALinear): call = _lora_call          # mlx-lm's LoRA layers, efficientai's MixedLoRALinear
+        elif home is None or not cls.__module__.startswith("mlx_lm.models."): return None
+        elif all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj")) and getattr(home, "swiglu", None) is not None:
             call = _mlp_call
         elif hasattr(m, "rope") and callable(getattr(home, "scaled_dot_product_attention", None)): call = _attention_call
         else: return None
