@@ -32,6 +32,10 @@ NB_MODULE(_efficientai_engine, m) {
   m.def("lora_add", &efficientai::lora_add, "x"_a, "y"_a, "a"_a, "b"_a, "scale"_a,
         "y + scale * (x @ a) @ b for float32 x (..., K), y (..., M), a (K, r), b (r, M): a LoRA layer's update in "
         "one pass over the rows (and one backward)");
+  m.def("cross_entropy", &efficientai::cross_entropy, "logits"_a, "targets"_a,
+        "per-row logsumexp(logits) - logits[target] for float32 logits (N, V) and integer targets (N,)");
+  m.def("cross_entropy_grad", &efficientai::cross_entropy_grad, "logits"_a, "targets"_a, "ce"_a, "c"_a,
+        "c * (softmax(logits) - onehot(targets)) per row, the softmax from ce + logits[target]");
   m.def("threads", &efficientai::engine_threads, "threads the engine's pool runs on");
   m.def("set_threads", &efficientai::set_engine_threads, "n"_a, "resize the pool (n <= 0: the usable CPUs)");
 }

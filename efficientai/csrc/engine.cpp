@@ -1320,4 +1320,89 @@ bool LoraAddVJP::is_equivalent(const mx::Primitive& other) const {
   return typeid(other) == typeid(*this) && static_cast<const LoraAddVJP&>(other).scale_ == scale_;
 }
 
+// ================================================================ cross-entropy over rows
+namespace {
+void check_ce(const mx::array& logits, const mx::array& targets) {
+  if (logits.dtype() != mx::float32 || logits.ndim() != 2)
+    throw std::invalid_argument("efficientai engine cross_entropy: logits must be float32 of shape (N, V)");
+  if (!mx::issubdtype(targets.dtype(), mx::integer) || targets.ndim() != 1 || targets.shape(0) != logits.shape(0))
+    throw std::invalid_argument("efficientai engine cross_entropy: targets must be integers of shape (N,)");
+}
+
+// element i of an evaluated 1-D array, through its stride
+template <typename T>
+T at1(const mx::array& a, int64_t i) { return a.data<T>()[i * a.strides()[0]]; }
+}  // namespace
+
+mx::array cross_entropy(const mx::array& logits, const mx::array& targets) {
+  check_ce(logits, targets);
+  auto s = cpu_stream();
+  return mx::array({logits.shape(0)}, mx::float32, std::make_shared<CrossEntropy>(s),
+                   {logits, mx::astype(targets, mx::int32, s)});
+}
+
+mx::array cross_entropy_grad(const mx::array& logits, const mx::array& targets, const mx::array& ce,
+                             const mx::array& c) {
+  check_ce(logits, targets);
+  auto n = logits.shape(0);
+  if (ce.ndim() != 1 || ce.shape(0) != n || c.ndim() != 1 || c.shape(0) != n)
+    throw std::invalid_argument("efficientai engine cross_entropy_grad: ce and c must have shape (N,)");
+  auto s = cpu_stream();
+  return mx::array(logits.shape(), mx::float32, std::make_shared<CrossEntropyGrad>(s),
+                   {logits, mx::astype(targets, mx::int32, s), as_f32(ce, s), as_f32(c, s)});
+}
+
+void CrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& out = outputs[0];
+  alloc(out);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) enc.set_input_array(in);
+  enc.set_output_array(out);
+  enc.dispatch([l = inputs[0], t = inputs[1], o = out.data<float>()]() {
+    Rows lr = rows_of(l);
+    int64_t V = lr.d;
+    parallel_for(lr.n, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const float* p = lr.row(n);
+        float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+        for (int64_t v = 0; v < V; ++v) m = std::max(m, p[v]);
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t v = 0; v < V; ++v) sum += fast_exp(p[v] - m);
+        int64_t k = at1<int32_t>(t, n);
+        o[n] = (k >= 0 && k < V) ? m + std::log(sum) - p[k] : std::numeric_limits<float>::quiet_NaN();
+      }
+    });
+  });
+}
+
+void CrossEntropyGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& out = outputs[0];
+  alloc(out);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) enc.set_input_array(in);
+  enc.set_output_array(out);
+  enc.dispatch([l = inputs[0], t = inputs[1], ce = inputs[2], c = inputs[3], g = out.data<float>()]() {
+    Rows lr = rows_of(l);
+    int64_t V = lr.d;
+    parallel_for(lr.n, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const float* p = lr.row(n);
+        float* gp = g + n * V;
+        int64_t k = at1<int32_t>(t, n);
+        float cn = at1<float>(c, n);
+        if (k < 0 || k >= V) {
+          std::fill(gp, gp + V, std::numeric_limits<float>::quiet_NaN());
+          continue;
+        }
+        float lse = at1<float>(ce, n) + p[k];
+#pragma omp simd
+        for (int64_t v = 0; v < V; ++v) gp[v] = cn * fast_exp(p[v] - lse);
+        gp[k] -= cn;
+      }
+    });
+  });
+}
+
 }  // namespace efficientai

@@ -47,6 +47,12 @@ bool quantized_supported(int k, int bits, int group_size);
 // (..., K), y (..., M), a (K, r), b (r, M). One pass over the rows forward, one backward (dx, da, db together):
 // BLAS runs these rank-r products (a dimension of 8) far below its speed, each a separate pass over x or y.
 mx::array lora_add(const mx::array& x, const mx::array& y, const mx::array& a, const mx::array& b, float scale);
+// per-row cross-entropy of float32 logits (N, V) against integer targets (N,): logsumexp(row) - row[target] (NaN for a
+// target outside [0, V)); and its gradient for the logits given each row's cotangent c (N,):
+// c * (softmax(row) - onehot(target)), the softmax from logsumexp = ce + row[target]. Rows split over the pool; no
+// VJP of their own (lora.loss.head_cross_entropy wraps them in a custom function).
+mx::array cross_entropy(const mx::array& logits, const mx::array& targets);
+mx::array cross_entropy_grad(const mx::array& logits, const mx::array& targets, const mx::array& ce, const mx::array& c);
 
 // ---------------------------------------------------------------- primitives
 class EnginePrimitive : public mx::Primitive {
@@ -178,6 +184,22 @@ class LoraAddVJP : public EnginePrimitive {   // (x, a, b, dout) -> (dx, da, db)
   bool is_equivalent(const mx::Primitive& other) const override;
  private:
   float scale_;
+};
+
+class CrossEntropy : public EnginePrimitive {   // (logits, targets) -> ce
+ public:
+  using EnginePrimitive::EnginePrimitive;
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "EngineCrossEntropy"; }
+  bool is_equivalent(const mx::Primitive& other) const override { return typeid(other) == typeid(*this); }
+};
+
+class CrossEntropyGrad : public EnginePrimitive {   // (logits, targets, ce, c) -> dlogits
+ public:
+  using EnginePrimitive::EnginePrimitive;
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "EngineCrossEntropyGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override { return typeid(other) == typeid(*this); }
 };
 
 }  // namespace efficientai

@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 from .data import Batch, loss_mask
 from .kernels import fast_exp
 from ..models import on_cpu
+from ..quant.engine import engine_ops
 
 # %% auto #0
 __all__ = ['CE_KEEP_LOGITS', 'CE_CHUNK', 'CE_KEEP_LOGITS_GPU', 'CE_CHUNK_GPU', 'head_fn', 'frozen_head', 'head_cross_entropy',
@@ -47,14 +48,20 @@ def _ce_limits() -> tuple[int, int]:
 
 def _exp_fn(): return fast_exp if on_cpu() else mx.exp
 
+def _ce_engine(logits: mx.array):
+    "The CPU engine's ops where they take these logits (float32 of shape (N, V), MLX on the CPU, engine on), else None."
+    return engine_ops() if logits.dtype == mx.float32 and logits.ndim == 2 else None
+
 def _ce_forward(logits: mx.array, targets: mx.array, exp) -> mx.array:
     "Per-row `logsumexp(logits) - logits[target]`."
+    if (ops := _ce_engine(logits)) is not None: return ops.cross_entropy(logits, targets)
     m = mx.stop_gradient(logits.max(-1, keepdims=True))
     lse = m[:, 0] + mx.log(exp(logits - m).sum(-1))
     return lse - mx.take_along_axis(logits, targets[:, None], -1)[:, 0]
 
 def _ce_backward(logits: mx.array, targets: mx.array, ce: mx.array, c: mx.array, exp) -> mx.array:
     "`c * (softmax(logits) - onehot(targets))`, with the softmax from `logsumexp = ce + target logit`."
+    if (ops := _ce_engine(logits)) is not None: return ops.cross_entropy_grad(logits, targets, ce, c)
     t = targets[:, None]
     g = exp(logits - (ce[:, None] + mx.take_along_axis(logits, t, -1))) * c[:, None]
     return mx.put_along_axis(g, t, mx.take_along_axis(g, t, -1) - c[:, None], -1)
