@@ -24,7 +24,6 @@ from ..models import on_cpu
 from .kernels import _ARCH_FLAG, _FAILED_BUILDS, _compiler_version, _cpu_identity, _kernels_folder, _usable_cpus
 from .kernels import KERNEL_SOURCE, CpuQuantizedEmbedding, CpuQuantizedLinear, _failed_build_line
 from .kernels import register_layers
-from mlx_lm.tuner.lora import LoRALinear
 
 log = get_logger("quant.engine")
 
@@ -351,6 +350,11 @@ def _routed_sdpa(original):
     scaled_dot_product_attention._engine_original = original
     return scaled_dot_product_attention
 
+def _is_lora(m: nn.Module) -> bool:
+    "Whether `m` is an mlx-lm `LoRALinear` (or a subclass); none exists unless mlx-lm's tuner was imported."
+    tuner = sys.modules.get("mlx_lm.tuner.lora")
+    return tuner is not None and isinstance(m, tuner.LoRALinear)
+
 def _lora_call(self, x):
     "LoRA's `linear(x) + scale * (dropout(x) @ A) @ B` with the update on `lora_add` when it fits, else as the base class."
     a, b, drop = self["lora_a"], self["lora_b"], self.dropout
@@ -404,7 +408,7 @@ def _engine_class(m: nn.Module) -> type | None:
     elif cls in _SUBCLASSES: sub = _SUBCLASSES[cls]
     else:
         home = sys.modules.get(cls.__module__)
-        if isinstance(m, LoRALinear): call = _lora_call          # mlx-lm's LoRA layers, efficientai's MixedLoRALinear
+        if _is_lora(m): call = _lora_call                        # mlx-lm's LoRA layers, efficientai's MixedLoRALinear
         elif home is None or not cls.__module__.startswith("mlx_lm.models."): return None
         elif all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj")) and getattr(home, "swiglu", None) is not None:
             call = _mlp_call
