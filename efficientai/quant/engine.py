@@ -310,7 +310,7 @@ def lora_add(x: mx.array, y: mx.array, a: mx.array, b: mx.array, scale: float) -
     `b (r, M)` with `r <= LORA_MAX_RANK`, else MLX's ops."""
     ops = engine_ops()
     if ops is not None and _lora_fits(x, y, a, b): return ops.lora_add(x, y, a, b, float(scale))
-    return y + scale * ((x @ a) @ b)
+    return y + (scale * ((x @ a) @ b)).astype(y.dtype)
 
 
 # %% ../../nbs/20_quantization/07_engine.ipynb #fedcccf0
@@ -360,9 +360,9 @@ def _lora_call(self, x):
     a, b, drop = self["lora_a"], self["lora_b"], self.dropout
     if not isinstance(drop, nn.Dropout) or (drop.training and drop._p_1 < 1.0):    # dropout on: as the base class
         return self._engine_base.__call__(self, x)
-    y = self.linear(x)
-    if not _lora_fits(x, y, a, b): return self._engine_base.__call__(self, x)
-    return engine_ops().lora_add(x, y, a, b, float(self.scale))
+    y, ops = self.linear(x), engine_ops()          # (y is lazy: unused, it is never computed)
+    if ops is None or not _lora_fits(x, y, a, b): return self._engine_base.__call__(self, x)
+    return ops.lora_add(x, y, a, b, float(self.scale))
 
 def _quantized_product(m: nn.Module, x: mx.array) -> mx.array | None:
     "A quantized layer's `x @ W.T` on the engine (None: not here, the layer computes it as before)."
