@@ -1134,17 +1134,6 @@ std::vector<float> transposed(const mx::array& a) {
   return t;
 }
 
-// b (r, M) packed (r rows of M)
-std::vector<float> packed(const mx::array& b) {
-  int64_t r = b.shape(0), M = b.shape(1);
-  std::vector<float> t(r * M);
-  const float* p = b.data<float>();
-  int64_t s0 = b.strides()[0], s1 = b.strides()[1];
-  for (int64_t j = 0; j < r; ++j)
-    for (int64_t m = 0; m < M; ++m) t[j * M + m] = p[j * s0 + m * s1];
-  return t;
-}
-
 inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
@@ -1182,7 +1171,7 @@ mx::array lora_add(const mx::array& x, const mx::array& y, const mx::array& a, c
 
 // NB rows at a time: each chunk of b's rows is read once for the block, each output written once
 template <int NB>
-void lora_rows_forward(const Rows& xr, const Rows& yr, int64_t n, const float* at, const float* bp, int64_t r,
+void lora_rows_forward(const Rows& xr, const Rows& yr, int64_t n, const float* at, const Rows& br, int64_t r,
                        float s, float* o) {
   int64_t K = xr.d, M = yr.d;
   float z[NB][kMaxLoraRank];
@@ -1201,7 +1190,7 @@ void lora_rows_forward(const Rows& xr, const Rows& yr, int64_t n, const float* a
     for (int i = 0; i < NB; ++i) {
       float acc[kLoraChunk];
       std::memcpy(acc, ys[i] + m0, c * sizeof(float));
-      for (int64_t j = 0; j < r; ++j) axpy(acc, z[i][j], bp + j * M + m0, c);
+      for (int64_t j = 0; j < r; ++j) axpy(acc, z[i][j], br.row(j) + m0, c);
       std::memcpy(os[i] + m0, acc, c * sizeof(float));
     }
   }
@@ -1217,12 +1206,13 @@ void LoraAdd::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arr
   enc.set_output_array(out);
   enc.dispatch([x = inputs[0], y = inputs[1], a = inputs[2], b = inputs[3], o = out.data<float>(), s = scale_]() {
     Rows xr = rows_of(x), yr = rows_of(y);
-    std::vector<float> at = transposed(a), bp = packed(b);
+    std::vector<float> at = transposed(a);
+    Rows br = rows_of(b);   // b's r rows (a packed copy if b is a view with a strided last axis)
     int64_t r = a.shape(1);
     parallel_for(xr.n, 16, [&](int64_t n0, int64_t n1) {
       int64_t n = n0;
-      for (; n + 8 <= n1; n += 8) lora_rows_forward<8>(xr, yr, n, at.data(), bp.data(), r, s, o);
-      for (; n < n1; ++n) lora_rows_forward<1>(xr, yr, n, at.data(), bp.data(), r, s, o);
+      for (; n + 8 <= n1; n += 8) lora_rows_forward<8>(xr, yr, n, at.data(), br, r, s, o);
+      for (; n < n1; ++n) lora_rows_forward<1>(xr, yr, n, at.data(), br, r, s, o);
     });
   });
 }
@@ -1247,7 +1237,7 @@ bool LoraAdd::is_equivalent(const mx::Primitive& other) const {
 
 // NB rows of the backward: dx for the rows, their shares of da.T (dat, r x K) and db (dbt, r x M) added in place
 template <int NB>
-void lora_rows_backward(const Rows& xr, const Rows& gr, int64_t n, const float* at, const float* bp, int64_t r,
+void lora_rows_backward(const Rows& xr, const Rows& gr, int64_t n, const float* at, const Rows& br, int64_t r,
                         float s, float* dx, float* dat, float* dbt) {
   int64_t K = xr.d, M = gr.d;
   float xa[NB][kMaxLoraRank], g[NB][kMaxLoraRank];
@@ -1262,7 +1252,7 @@ void lora_rows_backward(const Rows& xr, const Rows& gr, int64_t n, const float* 
   for (int64_t j = 0; j < r; ++j)
     for (int i = 0; i < NB; ++i) {
       xa[i][j] = s * dot(xs[i], at + j * K, K);   // scale * (x @ a)
-      g[i][j] = s * dot(gs[i], bp + j * M, M);    // d(x @ a) = scale * dout @ b.T
+      g[i][j] = s * dot(gs[i], br.row(j), M);    // d(x @ a) = scale * dout @ b.T
     }
   for (int64_t k0 = 0; k0 < K; k0 += kLoraChunk) {
     int64_t c = std::min(kLoraChunk, K - k0);
@@ -1289,7 +1279,8 @@ void LoraAddVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
   enc.dispatch([x = inputs[0], a = inputs[1], b = inputs[2], dout = inputs[3], dx = outputs[0].data<float>(),
                 da = outputs[1].data<float>(), db = outputs[2].data<float>(), s = scale_]() {
     Rows xr = rows_of(x), gr = rows_of(dout);
-    std::vector<float> at = transposed(a), bp = packed(b);
+    std::vector<float> at = transposed(a);
+    Rows br = rows_of(b);   // b's r rows (a packed copy if b is a view with a strided last axis)
     int64_t N = xr.n, K = xr.d, M = gr.d, r = a.shape(1);
     // each task sums its rows' shares of da.T (r x K) and db (r x M) in its own buffer; the buffers are added after
     int tasks = int(std::max<int64_t>(1, std::min<int64_t>(pool().threads(), N / 16)));
@@ -1298,8 +1289,8 @@ void LoraAddVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
     std::function<void(int)> f = [&](int t) {
       float* dat = part.data() + t * width;
       int64_t n = t * per, n1 = std::min(N, (t + 1) * per);
-      for (; n + 8 <= n1; n += 8) lora_rows_backward<8>(xr, gr, n, at.data(), bp.data(), r, s, dx, dat, dat + r * K);
-      for (; n < n1; ++n) lora_rows_backward<1>(xr, gr, n, at.data(), bp.data(), r, s, dx, dat, dat + r * K);
+      for (; n + 8 <= n1; n += 8) lora_rows_backward<8>(xr, gr, n, at.data(), br, r, s, dx, dat, dat + r * K);
+      for (; n < n1; ++n) lora_rows_backward<1>(xr, gr, n, at.data(), br, r, s, dx, dat, dat + r * K);
     };
     pool().run(tasks, f);
     for (int64_t k = 0; k < K; ++k)
