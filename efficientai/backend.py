@@ -63,6 +63,9 @@ def preload_fast_blas() -> BlasStatus:
     "Load an optimised BLAS into the process before MLX is imported (idempotent); return what happened."
     global _STATUS
     if _STATUS is not None: return _STATUS
+    # this code run again (these cells executed where efficientai is already imported, as nbdev does to render the
+    # docs): what the import found still holds, where mlx.core now in sys.modules would read as "too late"
+    if (_STATUS := getattr(sys.modules.get("efficientai.backend"), "_STATUS", None)) is not None: return _STATUS
     env = os.environ.get("EFFICIENTAI_BLAS", "").strip().lower()
     preloaded = [p for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split() if "blas" in p]
     if sys.platform != "linux": st = BlasStatus("native", fast=True, message="MLX uses Accelerate/Metal here")
