@@ -63,8 +63,9 @@ install_apt $APT_PACKAGES ${EFFICIENTAI_EXTRA_APT:-}
 # standard-library script. Never `pip install` into the system Python: Debian 12, Ubuntu 24.04 and Homebrew
 # mark it externally managed (PEP 668) and refuse.
 UV_DIR="${EFFICIENTAI_TOOLS:-$HOME/.local/share/efficientai}/bin"
+# The private copy is the version uv.lock locks (a new uv release changes nothing until the lock moves).
 if command -v uv >/dev/null 2>&1; then UV=uv
-elif [ -x "$UV_DIR/uv" ]; then UV="$UV_DIR/uv"
+elif python3 scripts/get_uv.py --check "$UV_DIR"; then UV="$UV_DIR/uv"
 else
   echo "== installing uv into $UV_DIR"
   UV=$(python3 scripts/get_uv.py "$UV_DIR")

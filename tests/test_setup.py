@@ -1,6 +1,6 @@
 """The README's set-up on a stock system: the first `python3` on PATH is the system one, which refuses
 `pip install` (PEP 668, "externally managed" on Debian 12, Ubuntu 24.04 and Homebrew), and there is no uv."""
-import json, os, subprocess, sys, sysconfig
+import json, os, re, subprocess, sys, sysconfig
 from pathlib import Path
 import pytest
 from conftest import BIN, ROOT, run
@@ -29,6 +29,29 @@ def test_setup_with_the_system_python_first_on_path(tmp_path):
     assert "cpu backend" in p.stdout or "metal backend" in p.stdout or "cuda backend" in p.stdout
     again = run(["bash", "scripts/setup.sh"], env=env, timeout=600)       # idempotent: the private uv is reused
     assert "installing uv" not in again.stdout
+
+
+def test_the_private_uv_is_the_locked_one(tmp_path):
+    "A new uv release must change nothing: get_uv installs the version uv.lock locks, which the Dockerfile's image carries."
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try: import get_uv
+    finally: sys.path.pop(0)
+    locked = get_uv.locked_version()
+    assert locked and re.fullmatch(r"\d+\.\d+\.\d+", locked), locked
+    assert f"FROM ghcr.io/astral-sh/uv:{locked} " in (ROOT / "Dockerfile").read_text()
+    tag = get_uv.platform_tags()[0]
+    files = [{"filename": f"uv-{v}-py3-none-{tag}.whl", "url": v} for v in ("0.1.0", locked, "99.0.0")]
+    files.append({"filename": f"uv-{locked}-py3-none-{tag}.tar.gz", "url": "sdist"})
+    assert get_uv.pick_wheel(files, [tag], locked)["url"] == locked
+    assert get_uv.pick_wheel(files, [tag])["url"] == "99.0.0"            # EFFICIENTAI_UV_VERSION=latest
+    with pytest.raises(SystemExit, match="no uv 98.0.0 wheel"): get_uv.pick_wheel(files, [tag], "98.0.0")
+    fake = tmp_path / "uv"                           # a private copy of another version is not kept
+    fake.write_text(f"#!/bin/sh\necho uv 99.0.0\n"); fake.chmod(0o755)
+    assert get_uv.installed_version(fake) == "99.0.0"
+    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "get_uv.py"), "--check", str(tmp_path)])
+    assert check.returncode == 1
+    fake.write_text(f"#!/bin/sh\necho uv {locked}\n")
+    assert subprocess.run([sys.executable, str(ROOT / "scripts" / "get_uv.py"), "--check", str(tmp_path)]).returncode == 0
 
 
 # ---- the MLX backend on Linux: CPU by default, CUDA as the `cuda` extra (issue 19 item 3) ----
