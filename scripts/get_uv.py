@@ -71,9 +71,15 @@ def installed_version(uv: Path) -> str | None:
     return m.group(1) if m else None
 
 
+def current(dest: str) -> bool:
+    "Whether DEST/uv is already the wanted version (never, when the newest is wanted)."
+    version = wanted_version()
+    return version is not None and installed_version(Path(dest).expanduser() / "uv") == version
+
+
 def main(dest: str) -> Path:
     version, have = wanted_version(), Path(dest).expanduser() / "uv"
-    if version is not None and installed_version(have) == version: return have
+    if current(dest): return have
     req = urllib.request.Request(f"{INDEX}/uv/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
     with urllib.request.urlopen(req, timeout=60) as r: files = json.load(r)["files"]
     wheel = pick_wheel(files, platform_tags(), version)
@@ -93,8 +99,6 @@ def main(dest: str) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--check":
-        v = wanted_version()
-        sys.exit(0 if installed_version(Path(sys.argv[2]).expanduser() / "uv") == v and v is not None else 1)
+    if len(sys.argv) == 3 and sys.argv[1] == "--check": sys.exit(0 if current(sys.argv[2]) else 1)
     if len(sys.argv) != 2: raise SystemExit(__doc__)
     print(main(sys.argv[1]))
