@@ -71,15 +71,14 @@ def installed_version(uv: Path) -> str | None:
     return m.group(1) if m else None
 
 
-def current(dest: str) -> bool:
-    "Whether DEST/uv is already the wanted version (never, when the newest is wanted)."
-    version = wanted_version()
-    return version is not None and installed_version(Path(dest).expanduser() / "uv") == version
+def current(uv: Path, version: str | None) -> bool:
+    "Whether `uv` is already `version` (never, when the newest is wanted: `version` None)."
+    return version is not None and installed_version(uv) == version
 
 
 def main(dest: str) -> Path:
-    version, have = wanted_version(), Path(dest).expanduser() / "uv"
-    if current(dest): return have
+    version, out = wanted_version(), Path(dest).expanduser()
+    if current(out / "uv", version): return out / "uv"
     req = urllib.request.Request(f"{INDEX}/uv/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
     with urllib.request.urlopen(req, timeout=60) as r: files = json.load(r)["files"]
     wheel = pick_wheel(files, platform_tags(), version)
@@ -90,7 +89,7 @@ def main(dest: str) -> Path:
         raise SystemExit(f"get_uv: {wheel['filename']}: SHA-256 mismatch, not installed")
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         member = next(n for n in z.namelist() if re.search(r"\.data/scripts/uv$", n))
-        out = Path(dest).expanduser(); out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         tmp = out / ".uv.part"
         tmp.write_bytes(z.read(member))
         tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
@@ -99,6 +98,7 @@ def main(dest: str) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--check": sys.exit(0 if current(sys.argv[2]) else 1)
+    if len(sys.argv) == 3 and sys.argv[1] == "--check":
+        sys.exit(0 if current(Path(sys.argv[2]).expanduser() / "uv", wanted_version()) else 1)
     if len(sys.argv) != 2: raise SystemExit(__doc__)
     print(main(sys.argv[1]))
